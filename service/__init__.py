@@ -1,0 +1,1 @@
+"""The MERC service: CLI, feature extraction, API and workers."""

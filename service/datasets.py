@@ -1,0 +1,92 @@
+"""Features for conversation files: inline vectors or extractors named in a feature spec.
+
+A feature spec maps each modality to ``{"extractor", "version", "dim"}``. Version
+``"inline"`` means the vectors come with the data (``utterance.features[m]``, e.g.
+mosi2's precomputed features); otherwise the named extractor computes them
+(text encoders now; audio and visual extractors from media in issue #3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from models.data import Conversation, DataError, EncodedConversation, encode_conversation, inline_features
+
+INLINE = "inline"
+
+
+def dataset_feature_spec(
+    info: dict[str, Any], modalities: Sequence[str] | None, text_encoder: str | None
+) -> dict[str, dict[str, Any]]:
+    """The feature spec to train on a dataset folder (its dataset.json as ``info``).
+
+    Modalities default to the inline ones (mosi2) or text. Text uses the inline
+    vectors when the data carries them and no ``text_encoder`` is asked for.
+    """
+    inline = info.get("feature_spec") or {}
+    chosen = list(modalities or info.get("modalities_inline") or ["text"])
+    spec: dict[str, dict[str, Any]] = {}
+    for m in chosen:
+        if m == "text" and (text_encoder or m not in inline):
+            from service.features.text import get_text_encoder
+
+            spec[m] = get_text_encoder(text_encoder or "minilm-l6-v2").spec.to_dict()
+        elif m in inline:
+            spec[m] = {"extractor": inline[m]["extractor"], "version": INLINE, "dim": int(inline[m]["dim"])}
+        else:
+            raise DataError(
+                f"modality {m!r}: the data carries no inline {m} features and {m} extraction from media "
+                "needs the media pipeline (merc extract)"
+            )
+    return spec
+
+
+def conversation_features(
+    convs: Sequence[Conversation], spec: dict[str, dict[str, Any]], device: str = "auto", progress: bool = True
+) -> list[dict[str, list[np.ndarray | None]]]:
+    """Per conversation, modality -> one vector or None per utterance, following ``spec``."""
+    out: list[dict[str, list[np.ndarray | None]]] = [{} for _ in convs]
+    for m, entry in spec.items():
+        if entry["version"] == INLINE:
+            for i, conv in enumerate(convs):
+                out[i][m] = inline_features(conv, m)
+        elif m == "text":
+            _text_features(convs, entry, device, progress, out)
+        else:
+            raise DataError(f"no extractor {entry['extractor']!r} for {m} available without media")
+    return out
+
+
+def _text_features(convs, entry, device, progress, out) -> None:
+    from service.features.text import get_text_encoder
+
+    encoder = get_text_encoder(entry["extractor"], device=device)
+    if encoder.spec.version != entry["version"] or encoder.spec.dim != int(entry["dim"]):
+        raise DataError(
+            f"text encoder {entry['extractor']!r} here is {encoder.spec.version} ({encoder.spec.dim}-d); "
+            f"the bundle expects {entry['version']} ({entry['dim']}-d)"
+        )
+    texts = [u.text for conv in convs for u in conv.utterances]
+    vectors, present = encoder.encode_with_mask(texts, show_progress=None if progress else False)
+    k = 0
+    for i, conv in enumerate(convs):
+        n = len(conv.utterances)
+        out[i]["text"] = [vectors[j] if present[j] else None for j in range(k, k + n)]
+        k += n
+
+
+def encode_dataset(
+    convs: Sequence[Conversation],
+    spec: dict[str, dict[str, Any]],
+    labels: Sequence[str],
+    n_speakers: int,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[EncodedConversation]:
+    """Conversations -> arrays ready for batching, features computed per ``spec``."""
+    feats = conversation_features(convs, spec, device, progress)
+    dims = {m: int(e["dim"]) for m, e in spec.items()}
+    return [encode_conversation(c, f, dims, labels, n_speakers) for c, f in zip(convs, feats, strict=True)]

@@ -1,0 +1,48 @@
+"""`merc evaluate`: a bundle and a canonical JSONL file in, metrics and a report out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from models.bundle import load_bundle
+from models.data import DataError, read_jsonl
+from models.metrics import missing_rate_summary
+from models.report import write_report
+from models.train import resolve_device, score
+from service.datasets import encode_dataset
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    data_file: Path,
+    out_dir: Path,
+    missing_rates: Sequence[float] = (),
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score a bundle on a labelled file; write metrics.json and report.md into ``out_dir``."""
+    dev = resolve_device(device)
+    model, manifest = load_bundle(bundle_dir, dev)
+    labels = manifest["labels"]
+    convs = read_jsonl(data_file)
+    encoded = encode_dataset(convs, manifest["feature_spec"], labels, model.config.n_speakers, str(dev), progress)
+    if not any((c.labels >= 0).any() for c in encoded):
+        raise DataError(f"{data_file}: no labelled utterances to evaluate")
+    metrics: dict[str, Any] = {
+        "bundle": str(bundle_dir),
+        "architecture": manifest["architecture"],
+        "data": str(data_file),
+        **score(model, encoded, labels, dev, seed=seed),
+    }
+    if missing_rates:
+        per_rate = {f"{r:.2f}": score(model, encoded, labels, dev, missing_rate=r, seed=seed) for r in missing_rates}
+        metrics["missing_rates"] = per_rate
+        metrics["missing_rate_average"] = missing_rate_summary({float(k): v for k, v in per_rate.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_report(out_dir, metrics, manifest, title=f"{manifest.get('name', bundle_dir.name)} on {data_file.name}")
+    return metrics
