@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from models.batching import iterate_batches
-from models.common import IGNORE_INDEX, MODALITIES, FusionModel
+from models.common import IGNORE_INDEX, MODALITIES, Batch, FusionModel
 from models.data import EncodedConversation
 from models.metrics import classification_metrics
 from models.missing import MissingSampler, drop_modalities
@@ -142,14 +142,20 @@ def predict(
     device: torch.device | str = "cpu",
     missing_rate: float = 0.0,
     seed: int = 0,
+    drop: Sequence[str] = (),
 ) -> list[np.ndarray]:
     """Per-utterance probabilities, one (n_i, C) float32 array per conversation.
 
-    ``missing_rate`` > 0 drops modalities as the GCNet protocol does (seeded)."""
+    ``missing_rate`` > 0 drops modalities as the GCNet protocol does (seeded);
+    ``drop`` removes whole modalities (e.g. ("text",)) from every utterance."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     out: list[np.ndarray] = []
     for batch in iterate_batches(convs, batch_size, model.modalities):
+        if drop:
+            present = batch.present.clone()
+            present[..., [MODALITIES.index(m) for m in drop]] = False
+            batch = Batch(batch.features, present, batch.mask, batch.speakers, batch.labels)
         if missing_rate > 0:
             batch = batch.with_present(drop_modalities(batch.present, model.modalities, missing_rate, gen))
         probs = model(batch.to(device)).logits.float().softmax(-1).cpu().numpy()
@@ -165,9 +171,10 @@ def score(
     device: torch.device | str = "cpu",
     missing_rate: float = 0.0,
     seed: int = 0,
+    drop: Sequence[str] = (),
 ) -> dict[str, Any]:
     """classification_metrics of the model's argmax on labelled utterances."""
-    probs = predict(model, convs, device=device, missing_rate=missing_rate, seed=seed)
+    probs = predict(model, convs, device=device, missing_rate=missing_rate, seed=seed, drop=drop)
     y_true = np.concatenate([c.labels for c in convs])
     y_pred = np.concatenate([p.argmax(-1) for p in probs])
     keep = y_true != IGNORE_INDEX
@@ -222,7 +229,7 @@ def _train_epoch(model, train, cfg, opt, sampler, epoch, weights, device, rng, g
         if cfg.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
         opt.step()
-        losses.append(float(loss.total))
+        losses.append(float(loss.total.detach()))
     return float(np.mean(losses)) if losses else math.nan
 
 

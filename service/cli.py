@@ -80,6 +80,7 @@ def evaluate(
     missing_rates: Annotated[str | None, typer.Option(help="e.g. 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the missing-modality masks")] = 0,
+    drop: Annotated[str | None, typer.Option(help="modalities removed from every utterance, e.g. text")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Evaluate a bundle on a labelled file; the metrics JSON is the last line of stdout."""
@@ -89,7 +90,7 @@ def evaluate(
         rates = [float(r) for r in _csv(missing_rates) or []]
         if any(not 0.0 <= r < 1.0 for r in rates):
             raise ValueError("--missing-rates: each rate must be in [0, 1)")
-        metrics = evaluate_bundle(bundle, data, out, rates, device, seed, progress=not quiet)
+        metrics = evaluate_bundle(bundle, data, out, rates, device, seed, not quiet, _csv(drop) or [])
     except (DataError, BundleError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(f"report: {out / 'report.md'}")

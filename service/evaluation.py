@@ -23,10 +23,17 @@ def evaluate_bundle(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    drop: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Score a bundle on a labelled file; write metrics.json and report.md into ``out_dir``."""
+    """Score a bundle on a labelled file; write metrics.json and report.md into ``out_dir``.
+
+    ``drop`` removes modalities from every utterance (e.g. to see what audio and visual
+    alone carry in a trimodal model)."""
     dev = resolve_device(device)
     model, manifest = load_bundle(bundle_dir, dev)
+    unknown = set(drop) - set(model.modalities)
+    if unknown:
+        raise ValueError(f"--drop: the bundle has no modality {sorted(unknown)}; it uses {list(model.modalities)}")
     labels = manifest["labels"]
     convs = read_jsonl(data_file)
     encoded = encode_dataset(convs, manifest["feature_spec"], labels, model.config.n_speakers, str(dev), progress)
@@ -36,10 +43,13 @@ def evaluate_bundle(
         "bundle": str(bundle_dir),
         "architecture": manifest["architecture"],
         "data": str(data_file),
-        **score(model, encoded, labels, dev, seed=seed),
+        "dropped_modalities": list(drop),
+        **score(model, encoded, labels, dev, seed=seed, drop=drop),
     }
     if missing_rates:
-        per_rate = {f"{r:.2f}": score(model, encoded, labels, dev, missing_rate=r, seed=seed) for r in missing_rates}
+        per_rate = {
+            f"{r:.2f}": score(model, encoded, labels, dev, missing_rate=r, seed=seed, drop=drop) for r in missing_rates
+        }
         metrics["missing_rates"] = per_rate
         metrics["missing_rate_average"] = missing_rate_summary({float(k): v for k, v in per_rate.items()})
     out_dir.mkdir(parents=True, exist_ok=True)

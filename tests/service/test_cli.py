@@ -82,9 +82,18 @@ def test_train_then_evaluate(arch: str, tmp_path: Path) -> None:
     assert ".png" in report
     assert len(list(out.glob("*.png"))) >= 2
 
+    # The label lives in the audio: dropping text everywhere keeps it, dropping audio loses it.
+    common = ["evaluate", "--bundle", str(bundle), "--data", str(data / "dev.jsonl"), "--device", "cpu", "--quiet"]
+    no_text = json.loads(merc(*common, "--out", str(tmp_path / "e1"), "--drop", "text").stdout.splitlines()[-1])
+    no_audio = json.loads(merc(*common, "--out", str(tmp_path / "e2"), "--drop", "audio").stdout.splitlines()[-1])
+    assert no_text["accuracy"] > 80 > no_audio["accuracy"]
+    assert no_text["dropped_modalities"] == ["text"]
+
 
 def test_evaluate_errors_are_clear(tmp_path: Path) -> None:
     res = merc("evaluate", "--bundle", str(tmp_path), "--data", str(tmp_path / "x.jsonl"), "--quiet")
     assert res.returncode == 2 and "not a bundle" in res.stderr
     res = merc("train", "nosuch", "--data", str(make_dataset(tmp_path / "d")), "--quiet")
     assert res.returncode == 2 and "unknown architecture" in res.stderr
+    res = merc("train", "sdt", "--data", str(tmp_path / "d"), "--set", "lr=1", "--quiet")
+    assert res.returncode == 2 and "model.NAME=VALUE" in res.stderr
