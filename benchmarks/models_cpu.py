@@ -4,9 +4,12 @@ Synthetic conversations shaped like the real datasets (MELD-like text-only 384-d
 ~10 utterances per conversation; MOSI-like trimodal 100/73/100-d, ~23 utterances),
 so the figures do not need ../shared. Run:
 
-    .venv/bin/python benchmarks/models_cpu.py [--convs 200] [--threads 2] [--bundles]
+    .venv/bin/python benchmarks/models_cpu.py [--convs 200] [--threads 1] [--paper-size] [--bundles]
 
-``--bundles`` also times every bundle under weights/ at its trained size.
+By default each architecture runs at the size its bundles are trained at (see
+scripts/train_bundles.sh); ``--paper-size`` uses the papers' defaults instead (SUMMER
+then has 150-350M parameters: minutes per epoch). ``--bundles`` also times every
+bundle under weights/.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from models.data import EncodedConversation
 from models.missing import MissingSampler
 from models.registry import create_model, list_models
 from models.train import TrainConfig, _optimizer, _train_epoch, predict
+
+# Overrides used for the committed bundles, per (architecture, shape).
+TRAINED_SIZE = {
+    ("sdt", "mosi-trimodal"): {"hidden": 256},
+    ("summer", "meld-text"): {"hidden": 128, "n_layers": 2},
+    ("summer", "mosi-trimodal"): {"hidden": 128, "n_layers": 2},
+}
 
 SHAPES = {
     "meld-text": ({"text": 384}, 7, 10),
@@ -72,7 +82,8 @@ def time_model(model: FusionModel, convs, batch_size: int) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--convs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--paper-size", action="store_true")
     ap.add_argument("--bundles", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,11 +92,12 @@ def main() -> None:
         convs = synthetic(dims, n_classes, mean_len, args.convs)
         for arch in list_models():
             torch.manual_seed(0)
-            model = create_model(arch, input_dims=dims, n_classes=n_classes)
+            size = {} if args.paper_size else TRAINED_SIZE.get((arch, shape), {})
+            model = create_model(arch, input_dims=dims, n_classes=n_classes, **size)
             epoch_s, ups = time_model(model, convs, batch_size=16)
             rows.append(
                 dict(
-                    model=f"{arch} (paper size)",
+                    model=f"{arch} ({'paper' if args.paper_size else 'trained'} size)",
                     data=shape,
                     params=sum(p.numel() for p in model.parameters()),
                     train_s_per_epoch=round(epoch_s, 2),
