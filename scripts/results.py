@@ -16,13 +16,16 @@ rows = []
 for path in sorted(Path("weights").glob("*/manifest.json")):
     m = json.loads(path.read_text())
     d, dev = m["dataset"]["name"], m["dev_metrics"]
+    feats = ", ".join(f"{k}: {v['extractor']}" for k, v in m["feature_spec"].items() if v["version"] != "inline")
     rows.append(
-        f"| `{path.parent.name}` | {m['architecture']} | {d} | {'+'.join(m['modalities'])} | "
+        f"| `{path.parent.name}` | {m['architecture']} | {d} | {'+'.join(m['modalities'])} | {feats or 'inline'} | "
         f"{dev['accuracy']:.2f} | {dev['weighted_f1']:.2f} | {PAPER.get((d, m['architecture']), '—')} | "
         f"{m['n_parameters'] / 1e6:.2f}M | {m['training_seconds'] / 60:.1f} |"
     )
-print("| bundle | arch | data | modalities | dev acc | dev w-F1 | paper (acc / w-F1, test) | params | train min |")
-print("|---|---|---|---|---|---|---|---|---|")
+HEADER = ["bundle", "arch", "data", "modalities", "features", "dev acc", "dev w-F1", "paper (acc / w-F1, test)"]
+HEADER += ["params", "train min"]
+print("| " + " | ".join(HEADER) + " |")
+print("|" + "---|" * len(HEADER))
 print("\n".join(rows))
 print("\nCommands:\n")
 for path in sorted(Path("weights").glob("*/manifest.json")):

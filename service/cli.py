@@ -1,8 +1,9 @@
-"""The ``merc`` command line: train, evaluate (serve, worker, extract, predict come later)."""
+"""The ``merc`` command line: train, evaluate, import-meld, serve, worker, extract, predict."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -110,6 +111,124 @@ def import_meld(
     except (ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(json.dumps({k: str(v) for k, v in written.items()}))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    data_dir: Annotated[Path | None, typer.Option(help="job store and uploads [$MERC_DATA_DIR or ./merc-data]")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the REST API with an in-process worker and a SQLite job store (settings: MERC_* variables)."""
+    import uvicorn
+
+    from service.api import create_app
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+        application = create_app(settings)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"merc: data in {settings.data_dir.resolve()}, default model {settings.default_model}", err=True)
+    log_config = uvicorn.config.LOGGING_CONFIG
+    if os.environ.get("MERC_LOG_FORMAT"):  # one root handler: JSON lines (or text), uvicorn's too
+        from service.logging import setup_logging
+
+        setup_logging(level=log_level)
+        log_config = None
+    uvicorn.run(
+        application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, log_config=log_config
+    )
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Option(help="dataset folder: dataset.json and *.jsonl (canonical format)")],
+    media: Annotated[Path, typer.Option(help="media root: {conversation id}.mp4 or {utterance id}.mp4 (MELD)")],
+    out: Annotated[Path, typer.Option(help="dataset folder to write (JSONL with features + dataset.json)")],
+    modalities: Annotated[str, typer.Option(help="media modalities to extract")] = "audio,visual",
+    audio: Annotated[str, typer.Option(help="compare2016 (6373-d) or egemaps-v02 (88-d)")] = "compare2016",
+    visual: Annotated[str, typer.Option(help="mtcnn-pyemotion (768-d) or mtcnn-r3d18 (512-d)")] = "mtcnn-pyemotion",
+    frame_every: Annotated[int, typer.Option(help="sample one frame in N inside each utterance")] = 10,
+    face: Annotated[str, typer.Option(help="confident or speaker (active speaker among several faces)")] = "confident",
+    r3d_weights: Annotated[Path | None, typer.Option(help="r3d_18 state dict for mtcnn-r3d18")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Extract audio/visual features from media for a dataset; resumable; bad files are logged and skipped."""
+    from service.extraction import extract_dataset
+    from service.features.registry import make_spec
+
+    try:
+        chosen = _csv(modalities) or []
+        unknown = set(chosen) - {"audio", "visual"}
+        if unknown:
+            raise ValueError(f"--modalities: {sorted(unknown)} are not media modalities (audio, visual)")
+        options = {"frame_every": frame_every, "face": face, "weights": str(r3d_weights) if r3d_weights else None}
+        spec = {m: make_spec(m, audio if m == "audio" else visual, None if m == "audio" else options) for m in chosen}
+        summary = extract_dataset(data, media, out, spec, device, not quiet)
+    except (DataError, ValueError, OSError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(summary))
+
+
+def _read_transcript(path: Path):
+    from models.data import parse_conversation
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(raw, list):
+        raw = {"utterances": raw}
+    return parse_conversation(raw, path.name)
+
+
+@app.command()
+def predict(
+    file: Annotated[Path, typer.Argument(help="a video or audio file, or a transcript .json (text only)")],
+    transcript: Annotated[Path | None, typer.Option(help="JSON conversation (utterances with start/end)")] = None,
+    bundle: Annotated[str, typer.Option(help="bundle name in weights/ or a bundle folder")] = "sdt-meld7",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+) -> None:
+    """Predict one local conversation; per-utterance distributions as JSON on stdout."""
+    from models.data import Conversation, Utterance
+    from service.extraction import media_input
+    from service.pipeline import run_conversation
+    from service.predictor import Predictor
+
+    try:
+        if file.suffix.lower() in (".json", ".jsonl"):
+            conv, media = _read_transcript(file), None
+        else:
+            whole = Conversation(file.stem, [Utterance("utt0", "speaker")])  # no transcript: one utterance
+            conv = _read_transcript(transcript) if transcript else whole
+            media = media_input(file)
+        result = run_conversation(Predictor(bundle, device), conv, media, device)
+    except (DataError, BundleError, ValueError, OSError, RuntimeError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def worker(
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Celery node name, %h = host [merc@%h]")] = None,
+    queues: Annotated[str, typer.Option(help="queues to take jobs from")] = "merc",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run a GPU worker for the API's Redis queue (MERC_QUEUE): Celery, one process per GPU.
+
+    Solo pool, one job at a time, acknowledged after it ran; models load once the worker is up.
+    """
+    from service.celery_app import app as celery_app
+    from service.celery_app import get_queue_settings
+
+    if not get_queue_settings().queue:
+        _fail("set MERC_QUEUE=redis://host:6379/0, the Redis the API queues jobs in")
+    argv = ["worker", "--pool", "solo", "--concurrency", "1", "--prefetch-multiplier", "1"]
+    celery_app.worker_main([*argv, "-Q", queues, "-n", name or "merc@%h", "--loglevel", log_level.upper()])
 
 
 def main() -> None:  # pragma: no cover

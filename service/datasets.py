@@ -3,7 +3,11 @@
 A feature spec maps each modality to ``{"extractor", "version", "dim"}``. Version
 ``"inline"`` means the vectors come with the data (``utterance.features[m]``, e.g.
 mosi2's precomputed features); otherwise the named extractor computes them
-(text encoders now; audio and visual extractors from media in issue #3).
+(text encoders; audio and visual extractors from media, see service/features/registry.py).
+
+``merc extract`` writes audio/visual vectors inline *and* records the real extractor, version and
+options in dataset.json; such entries keep their real spec (so bundles trained on them recompute
+the same features from media at prediction time) while training reads the stored vectors.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def dataset_feature_spec(
             from service.features.text import get_text_encoder
 
             spec[m] = get_text_encoder(text_encoder or "minilm-l6-v2").spec.to_dict()
+        elif m in inline and inline[m].get("version") not in (None, INLINE):
+            spec[m] = dict(inline[m])  # extracted by merc extract: the real extractor spec
         elif m in inline:
             spec[m] = {"extractor": inline[m]["extractor"], "version": INLINE, "dim": int(inline[m]["dim"])}
         else:
@@ -55,8 +61,14 @@ def conversation_features(
                 out[i][m] = inline_features(conv, m)
         elif m == "text":
             _text_features(convs, entry, device, progress, out)
+        elif any(m in u.features for conv in convs for u in conv.utterances):
+            for i, conv in enumerate(convs):  # vectors merc extract stored for this spec
+                out[i][m] = inline_features(conv, m)
         else:
-            raise DataError(f"no extractor {entry['extractor']!r} for {m} available without media")
+            raise DataError(
+                f"no {m} vectors in the data for extractor {entry['extractor']!r}: "
+                "run `merc extract` with the media first"
+            )
     return out
 
 

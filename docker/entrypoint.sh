@@ -1,0 +1,14 @@
+#!/bin/sh
+# Entry point of the merc images: fail early, with a reason, when a volume is not usable,
+# then hand the process over to the command (PID 1 receives SIGTERM: Celery finishes its job).
+set -eu
+for dir in "${MERC_DATA_DIR:-/data}" "${XDG_CACHE_HOME:-/cache}"; do
+  if [ ! -w "$dir" ]; then
+    echo "merc: $dir is not writable by uid $(id -u); chown it to 10001 or mount a named volume" >&2
+    exit 1
+  fi
+done
+if [ ! -d "${MERC_WEIGHTS_DIR:-/weights}" ] || [ -z "$(ls -A "${MERC_WEIGHTS_DIR:-/weights}")" ]; then
+  echo "merc: no bundles in ${MERC_WEIGHTS_DIR:-/weights}; mount the weights folder there" >&2
+fi
+exec "$@"

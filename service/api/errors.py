@@ -1,0 +1,137 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``.
+
+Besides ``type``, ``title``, ``status`` and ``detail``, a problem about the request body
+names the offending field twice: ``field`` (``utterances[2].end``) and ``pointer``
+(the JSON pointer ``/utterances/2/end``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics
+
+log = logging.getLogger("merc.api")
+PROBLEM_JSON = "application/problem+json"
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """An error answered as problem+json; ``field`` is a dotted path like ``utterances[2].end``."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.detail, self.field = status, slug, detail, field
+        self.title = title or _TITLES.get(status, "Error")
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": f"urn:merc:problem:{self.slug}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            out["instance"] = instance
+        if self.field:
+            out["field"] = self.field
+            out["pointer"] = field_to_pointer(self.field)
+        return {**out, **self.extra}
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """('utterances', 2, 'end') -> 'utterances[2].end'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def field_to_pointer(field: str) -> str:
+    """'transcript.utterances[2].end' -> '/transcript/utterances/2/end'."""
+    parts = field.replace("[", ".").replace("]", "").split(".")
+    return "/" + "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts if p)
+
+
+def validation_problem(errors: Sequence[Any], prefix: Sequence[str | int] = ()) -> Problem:
+    """A 422 naming the first invalid field, with every error listed."""
+    listed = []
+    for e in errors:
+        loc = [p for p in e["loc"] if p not in ("body", "query", "path", "header", "[key]")]
+        field = field_path([*prefix, *loc]) or "body"
+        listed.append({"field": field, "pointer": field_to_pointer(field), "detail": e["msg"]})
+    first = listed[0] if listed else {"field": "body", "detail": "invalid request"}
+    return Problem(422, "invalid-request", f"{first['field']}: {first['detail']}", field=first["field"], errors=listed)
+
+
+def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    if problem.status < 500:
+        metrics.REJECTED.labels(problem.slug).inc()
+    return JSONResponse(
+        problem.body(request.url.path if request else None),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers,
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error, including framework ones, as problem+json."""
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            msg = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+            return problem_response(Problem(400, "malformed-json", f"the body is not valid JSON ({msg})"), request)
+        return problem_response(validation_problem(errors), request)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_model(request: Request, exc: ValidationError) -> JSONResponse:
+        return problem_response(validation_problem(exc.errors()), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem_response(Problem(exc.status_code, slug, str(exc.detail), headers=exc.headers), request)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(Problem(500, "internal", f"{type(exc).__name__}: the server failed"), request)

@@ -1,0 +1,1 @@
+"""Route modules: conversations, models, health (liveness, readiness, metrics)."""

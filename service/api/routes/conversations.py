@@ -1,0 +1,243 @@
+"""POST/GET/DELETE /v1/conversations and POST /v1/conversations/{id}/utterances."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from models.data import DataError, parse_conversation
+from service.api import submit
+from service.api.deps import QueueRoom, SettingsDep, StoreDep, WorkerDep, require_api_key
+from service.api.errors import Problem, validation_problem
+from service.api.media import inspect_media
+from service.api.multipart import FormParts, read_form
+from service.api.schemas import AppendIn, AppendOut, ConversationIn, JobOut
+from service.settings import Settings
+from service.store import FAILED, SUCCEEDED, JobStore
+from service.worker import append_utterances
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(require_api_key)])
+JobId = Annotated[UUID, PathParam(description="the id returned by POST /v1/conversations")]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": what, "content": {"application/problem+json": {}}}
+    for code, what in {
+        400: "malformed body",
+        401: "missing or bad API key",
+        404: "unknown conversation",
+        409: "conversation not finished",
+        413: "upload or media too large",
+        415: "unsupported content",
+        422: "invalid field (named in `field` and `pointer`)",
+        429: "queue full",
+    }.items()
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ConversationIn"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "video": {"type": "string", "format": "binary"},
+                        "audio": {"type": "string", "format": "binary"},
+                        "transcript": {"type": "string", "format": "binary", "description": "ConversationIn as JSON"},
+                        "model": {"type": "string"},
+                        "callback_url": {"type": "string", "format": "uri"},
+                    },
+                    "required": ["transcript"],
+                }
+            },
+        },
+    }
+}
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes while it streams in."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "body-too-large", f"the body is larger than {limit} bytes", field="body")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Problem(413, "body-too-large", f"the body is larger than {limit} bytes", field="body")
+    return bytes(body)
+
+
+def parse_body(model: type[BodyT], body: bytes) -> BodyT:
+    """A JSON body as ``model``: 400 if it is not JSON, 422 naming the first invalid field."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise Problem(400, "malformed-json", "the body is not valid JSON", field="body") from None
+        raise validation_problem(e.errors()) from None
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    dependencies=[QueueRoom],
+    openapi_extra=_BODY,
+    responses={200: {"model": JobOut, "description": "finished within ?wait"}, **_ERRORS},
+    summary="Recognise emotions in a conversation (JSON text turns, or multipart media + transcript)",
+)
+async def create_conversation(
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    worker: WorkerDep,
+    wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result before 202")] = None,
+) -> JSONResponse:
+    """200 with the result when the job finishes within ``wait`` seconds, else 202 and a Location to poll.
+
+    ``wait`` defaults to MERC_TEXT_WAIT_S for JSON bodies and 0 for media; media longer
+    than MERC_SYNC_MEDIA_MAX_S is always answered 202.
+    """
+    if wait is not None and wait > settings.max_wait_s:
+        raise Problem(422, "invalid-request", f"wait: at most {settings.max_wait_s:g} seconds", field="wait")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        job_id, media = await _submit_multipart(request, settings, store)
+    elif content_type in ("application/json", ""):
+        job_id, media = await _submit_json(request, settings, store), {}
+    else:
+        detail = f"Content-Type {content_type!r}: send application/json or multipart/form-data"
+        raise Problem(415, "unsupported-content-type", detail, field="Content-Type")
+    if worker is not None:
+        worker.notify()
+    if wait is None:
+        wait = 0.0 if media else settings.text_wait_s
+    if any((m.get("duration") or 0) > settings.sync_media_max_s for m in media.values()):
+        wait = 0.0
+    status = await request.app.state.waiter.wait(store, job_id, min(wait, settings.max_wait_s))
+    job = store.get(job_id)
+    code = 200 if status in (SUCCEEDED, FAILED) else 202
+    return JSONResponse(submit.job_json(store, job), status_code=code, headers={"Location": job_json_path(job_id)})
+
+
+def job_json_path(job_id: str) -> str:
+    return f"/v1/conversations/{job_id}"
+
+
+async def _submit_json(request: Request, settings: Settings, store: JobStore) -> str:
+    conv = parse_body(ConversationIn, await read_json_body(request, settings.max_transcript_kb * 1024))
+    submit.check_utterances(conv.utterances, settings)
+    predictor = submit.resolve_model(conv.model, settings)
+    submit.check_features(conv.utterances, predictor)
+    submit.check_something_to_score(conv.utterances, has_media=False)
+    return await run_in_threadpool(submit.create_job, store, conv, predictor, {}, {})
+
+
+async def _submit_multipart(request: Request, settings: Settings, store: JobStore) -> tuple[str, dict]:
+    limits = {"transcript": settings.max_transcript_kb * 1024, "model": 200, "callback_url": 2048}
+    declared = request.headers.get("content-length", "")
+    most = 2 * settings.max_upload_bytes + sum(limits.values()) + 65536  # two files, the fields, part headers
+    if declared.isdigit() and int(declared) > most:
+        raise Problem(413, "upload-too-large", f"the request declares {declared} bytes (limit {most})", field="body")
+    parts = await read_form(request, store.tmp_dir, settings.max_upload_bytes, limits)
+    try:
+        return await run_in_threadpool(_validate_multipart, parts, settings, store)
+    finally:
+        parts.cleanup()  # files moved into the job folder are gone already
+
+
+def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -> tuple[str, dict]:
+    if "transcript" not in parts.fields:
+        detail = "a transcript is required: this service has no speech recognition (ASR) to make one"
+        raise Problem(422, "transcript-required", detail, field="transcript")
+    media = {
+        name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds)
+        for name, path in parts.files.items()
+    }
+    conv = submit.parse_transcript(parts.fields["transcript"])
+    durations = [m["duration"] for m in media.values() if m["duration"] is not None]
+    duration = min(durations) if durations else None
+    where = "transcript.utterances"
+    submit.check_utterances(conv.utterances, settings, where=where, duration=duration, media=bool(media))
+    for name in ("model", "callback_url"):
+        if name in parts.fields:
+            value = parts.fields[name].decode("utf-8", "replace").strip()
+            try:
+                conv = ConversationIn.model_validate({**conv.model_dump(), name: value or None})
+            except ValidationError as e:
+                raise validation_problem(e.errors()) from None
+    predictor = submit.resolve_model(conv.model, settings)
+    submit.check_features(conv.utterances, predictor, where)
+    submit.check_something_to_score(conv.utterances, bool(media), where)
+    return submit.create_job(store, conv, predictor, media, parts.files), media
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=_ERRORS, summary="Status and, when done, the result")
+def get_conversation(job_id: JobId, store: StoreDep) -> JSONResponse:
+    job = store.get(str(job_id))
+    if job is None:
+        raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
+    return JSONResponse(submit.job_json(store, job))
+
+
+@router.delete("/{job_id}", status_code=204, responses=_ERRORS, summary="Delete media, features and result")
+def delete_conversation(job_id: JobId, store: StoreDep) -> Response:
+    if not store.delete(str(job_id)):
+        raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{job_id}/utterances",
+    response_model=AppendOut,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/AppendIn"}}}}
+    },
+    summary="Append text turns; returns the new utterances scored in context",
+)
+async def append(job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
+    """Earlier utterances keep their stored features; only the new turns are encoded."""
+    new = parse_body(AppendIn, await read_json_body(request, settings.max_transcript_kb * 1024))
+    result = await run_in_threadpool(_append, str(job_id), new, settings, store)
+    return JSONResponse({"id": str(job_id), **result})
+
+
+def _append(job_id: str, new: AppendIn, settings: Settings, store: JobStore) -> dict:
+    job = store.get(job_id)
+    if job is None:
+        raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
+    if job["status"] != SUCCEEDED:
+        detail = f"the conversation is {job['status']}; turns can be appended once it has succeeded"
+        raise Problem(409, "not-finished", detail, field="job_id")
+    existing = [u["id"] for u in job["result"]["utterances"]]
+    if len(existing) + len(new.utterances) > settings.max_utterances:
+        raise Problem(
+            422,
+            "too-many-utterances",
+            f"the conversation would exceed {settings.max_utterances} utterances",
+            field="utterances",
+        )
+    submit.check_utterances(new.utterances, settings, taken_ids=set(existing))
+    predictor = submit.resolve_model(job["model"], settings)
+    submit.check_features(new.utterances, predictor)
+    submit.check_something_to_score(new.utterances, has_media=False)
+    raw = [u.model_dump(exclude_none=True) for u in new.utterances]
+    for i, u in enumerate(raw):
+        u.setdefault("id", f"utt{len(existing) + i}")
+    try:
+        conv = parse_conversation({"id": job_id, "utterances": raw}, "utterances")
+        return append_utterances(store, job_id, conv, settings)
+    except DataError as e:
+        raise Problem(422, "invalid-request", str(e), field="utterances") from e
+    except LookupError:
+        raise Problem(
+            409, "not-finished", "the conversation changed or was deleted meanwhile", field="job_id"
+        ) from None

@@ -1,0 +1,44 @@
+"""GET /v1/models: the bundles under MERC_WEIGHTS_DIR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from models.bundle import BundleError, read_manifest
+from service.api.deps import SettingsDep, require_api_key
+from service.api.schemas import ModelsOut
+from service.api.submit import bundle_names
+from service.worker import loaded_models
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def describe(name: str, manifest: dict[str, Any], default: str, loaded: list[str]) -> dict[str, Any]:
+    """What a client needs to choose a bundle, read from its manifest (without loading weights)."""
+    metrics = manifest.get("dev_metrics") or {}
+    return {
+        "name": name,
+        "architecture": manifest["architecture"],
+        "labels": list(manifest["labels"]),
+        "modalities": list(manifest.get("modalities") or manifest["feature_spec"]),
+        "feature_spec": manifest["feature_spec"],
+        "dev_metrics": {k: metrics.get(k) for k in ("accuracy", "weighted_f1", "macro_f1")},
+        "dataset": (manifest.get("dataset") or {}).get("name"),
+        "default": name == default,
+        "loaded": name in loaded,
+    }
+
+
+@router.get("", response_model=ModelsOut, summary="Bundles available to the `model` field")
+def list_models(settings: SettingsDep) -> dict[str, Any]:
+    loaded = loaded_models()
+    out = []
+    for name in bundle_names(settings):
+        try:
+            out.append(describe(name, read_manifest(Path(settings.weights_dir) / name), settings.default_model, loaded))
+        except BundleError:
+            continue
+    return {"default": settings.default_model, "models": out}

@@ -1,0 +1,131 @@
+"""The Celery application of distributed mode: Redis as broker, GPU workers pull jobs.
+
+``MERC_QUEUE=redis://host:6379/0`` switches the API from its in-process worker to this
+queue; ``merc worker`` (``celery -A service.celery_app worker``) runs the task defined in
+``service.celery_tasks``. Only a job id travels through Redis: media, features and results
+stay on the shared volume, job state in the Redis job store (``service.redis_store``).
+
+Delivery guarantees: a message is acknowledged after the job ran (``acks_late``); a worker
+killed mid-job never acknowledges it, so Redis hands it to another worker once
+``MERC_VISIBILITY_TIMEOUT_S`` has passed (keep it above the longest job, ``MERC_JOB_TIMEOUT_S``);
+the job record counts attempts and fails the job with a reason after ``MERC_MAX_ATTEMPTS``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TASK = "merc.run_job"
+QUEUE_NAME = "merc"
+
+
+class QueueSettings(BaseSettings):
+    """Settings of distributed mode (environment ``MERC_<NAME>``, like ``service.settings``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MERC_", extra="ignore")
+
+    queue: str | None = Field(None, description="redis://host:6379/0 enables distributed mode (Celery)")
+    visibility_timeout_s: float = Field(3900.0, gt=0, description="unacknowledged job redelivered after this")
+    retention_s: float = Field(7 * 86400.0, gt=0, description="finished jobs (results, media) deleted after this")
+    sweep_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are looked for")
+    heartbeat_s: float = Field(5.0, gt=0, description="worker liveness refresh; dead after 3 missed beats")
+    worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of a worker (0: off)")
+    worker_name: str | None = Field(None, description="Celery node name [merc@<hostname>]")
+
+
+@lru_cache
+def get_queue_settings() -> QueueSettings:
+    return QueueSettings()
+
+
+def celery_config(qs: QueueSettings) -> dict[str, Any]:
+    """One worker process per GPU: solo pool, one message at a time, acknowledged after the job."""
+    restore_every = max(1.0, min(10.0, qs.visibility_timeout_s / 5))
+    transport = {
+        "visibility_timeout": qs.visibility_timeout_s,
+        "unacked_restore_interval": restore_every,  # look for abandoned messages this often
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "task_default_queue": QUEUE_NAME,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_ignore_result": True,  # job results live in the job store, read by reference
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_expires": int(qs.retention_s),
+        "worker_pool": "solo",
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": qs.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+def make_app(qs: QueueSettings | None = None) -> Celery:
+    """The Celery app for ``qs.queue`` (broker and result backend); tasks in service.celery_tasks."""
+    qs = qs or get_queue_settings()
+    url = qs.queue or "redis://localhost:6379/0"
+    app = Celery("merc", broker=url, backend=url, include=["service.celery_tasks"])
+    app.conf.update(celery_config(qs))
+    return app
+
+
+app = make_app()
+
+
+def open_store(settings: Any, qs: QueueSettings | None = None, api: bool = False) -> Any:
+    """The job store of this mode: Redis-backed when ``MERC_QUEUE`` is set, else SQLite.
+
+    Deleting a job also drops Celery's copies. ``api``: new jobs are sent to the workers as
+    they are stored, and jobs an earlier API stored but never sent are sent now.
+    """
+    qs = qs or get_queue_settings()
+    if not qs.queue:
+        from service.store import JobStore
+
+        return JobStore(settings.data_dir)
+    from service.redis_store import RedisJobStore
+
+    store = RedisJobStore(qs.queue, Path(settings.data_dir))
+    store.on_delete = forget
+    if api:
+        store.on_create = lambda job_id: dispatch(store, job_id)
+        redispatch_stranded(store)
+    return store
+
+
+def dispatch(store: Any, job_id: str, celery: Celery | None = None) -> None:
+    """Hand a stored, queued job to the workers (only its id goes through Redis)."""
+    (celery or app).send_task(TASK, args=[job_id], task_id=job_id, queue=QUEUE_NAME)
+    store.mark_dispatched(job_id)
+
+
+def redispatch_stranded(store: Any, older_than_s: float = 30.0, celery: Celery | None = None) -> list[str]:
+    """Send again queued jobs that never reached the broker (an API stopped between store and send)."""
+    stranded = store.undispatched(older_than_s)
+    for job_id in stranded:
+        dispatch(store, job_id, celery)
+    return stranded
+
+
+def forget(job_id: str, celery: Celery | None = None) -> None:
+    """Drop Celery's result entry of a deleted job (none is written while task results are ignored).
+
+    The job's message, if still queued, holds only the id: the worker that receives it finds
+    the job gone and acknowledges it without running anything. (Revoking it instead would
+    make every worker write a REVOKED entry for the id.)
+    """
+    (celery or app).AsyncResult(job_id).forget()

@@ -1,0 +1,180 @@
+"""The Celery task of ``merc worker`` and the worker process's start-up.
+
+The task wraps ``service.worker.process_job``, the same job code as the in-process worker
+of ``merc serve``. Around it, this module adds what a fleet of processes needs:
+
+* models are loaded once the worker is up (``worker_ready`` for the solo pool, or
+  ``worker_process_init`` in a prefork child), never before a fork, so CUDA is never forked;
+* a heartbeat thread marks the worker alive in Redis and deletes expired jobs;
+* a redelivered message whose job is still ``running`` means the worker running it died:
+  the job is requeued, or failed with a reason after ``MERC_MAX_ATTEMPTS`` attempts;
+* job-level Prometheus metrics on ``MERC_WORKER_METRICS_PORT``; JSON logs with the job id.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import signals
+from prometheus_client import Counter, Gauge, start_http_server
+
+from service import metrics
+from service.celery_app import app, get_queue_settings, open_store, redispatch_stranded
+from service.gpu import pick_device, renew_slot
+from service.logging import job_context, setup_logging
+from service.redis_store import RedisJobStore
+from service.retention import sweep_expired
+from service.settings import Settings, get_settings
+from service.store import FAILED, QUEUED, RUNNING
+from service.worker import get_predictor, loaded_models, process_job, warm_up
+
+log = logging.getLogger("merc.celery")
+
+BUSY = Gauge("merc_worker_busy", "1 while this worker runs a job", registry=metrics.REGISTRY)
+READY = Gauge("merc_worker_ready", "1 once this worker's models are loaded", registry=metrics.REGISTRY)
+DELIVERIES = Counter(
+    "merc_worker_deliveries_total", "Job messages received, by what was done", ["outcome"], registry=metrics.REGISTRY
+)
+LOST = Counter("merc_worker_lost_jobs_total", "Jobs found abandoned by a dead worker", registry=metrics.REGISTRY)
+
+_STATE: dict[str, Any] = {"store": None, "name": "", "gpu": None}
+
+
+class StillRunning(Exception):
+    """The job's message came back while another live worker still runs it."""
+
+
+def store() -> RedisJobStore:
+    """This process's job store (Redis state, files on the shared volume)."""
+    if _STATE["store"] is None:
+        if not get_queue_settings().queue:
+            raise RuntimeError("MERC_QUEUE is not set: a worker needs the Redis the API queues jobs in")
+        _STATE["store"] = open_store(get_settings())
+    return _STATE["store"]
+
+
+@app.task(
+    name="merc.run_job",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError),
+    retry_backoff=True,
+    max_retries=5,
+)
+def run_job(self: Any, job_id: str) -> str | None:
+    """Run one job by id; returns its final status (None: deleted before it ran)."""
+    with job_context(job_id):
+        try:
+            return handle(job_id, self.request.hostname or _STATE["name"], get_settings())
+        except StillRunning as e:
+            DELIVERIES.labels("deferred").inc()
+            delay = 3 * get_queue_settings().heartbeat_s
+            log.info("job still running on %s; checking again in %.0f s", e, delay)
+            run_job.apply_async((job_id,), task_id=job_id, countdown=delay)
+            return RUNNING
+
+
+def handle(job_id: str, me: str, settings: Settings, jobs: RedisJobStore | None = None) -> str | None:
+    """What one delivery of ``job_id`` does: run it, recover it, or see it is already done."""
+    jobs = jobs or store()
+    status = jobs.status(job_id)
+    if status is None:
+        DELIVERIES.labels("deleted").inc()
+        log.info("job was deleted before it ran")
+        return None
+    if status == RUNNING:
+        holder = jobs.holder(job_id)
+        if holder != me and jobs.alive(holder):
+            raise StillRunning(holder)
+        status = jobs.requeue_lost(job_id, settings.max_attempts)
+        LOST.inc()
+        log.warning("worker %s died while running this job: now %s", holder or "?", status)
+        if status == FAILED:
+            metrics.JOBS.labels(FAILED).inc()
+    if status != QUEUED:
+        DELIVERIES.labels("duplicate").inc()
+        return status
+    DELIVERIES.labels("run").inc()
+    BUSY.set(1)
+    started = time.perf_counter()
+    try:
+        jobs.worker_name = me
+        final = process_job(job_id, jobs, settings)
+    finally:
+        BUSY.set(0)
+    log.info("job %s in %.3f s", final, time.perf_counter() - started, extra={"status": final, "worker": me})
+    return final
+
+
+# ---------------------------------------------------------------- worker start-up
+
+
+@signals.setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """JSON logs for Celery's own loggers too (connecting here stops Celery configuring them)."""
+    setup_logging(level=logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel)
+
+
+@signals.celeryd_init.connect
+def _on_init(sender: Any = None, **_: Any) -> None:
+    """The node name (``-n``), known in the main process before the pool starts."""
+    _STATE["name"] = str(sender or "")
+
+
+@signals.worker_process_init.connect
+def _on_pool_process(**_: Any) -> None:
+    """Sent in the process that will run jobs once it exists: the worker itself for the solo
+    pool (the default), each child after the fork for prefork; so models load after any fork."""
+    start_worker(_STATE["name"])
+
+
+def start_worker(name: str) -> None:
+    """Metrics endpoint, heartbeat thread, then the models (slow: the worker is ready after)."""
+    qs, settings = get_queue_settings(), get_settings()
+    _STATE["name"] = name or qs.worker_name or f"merc@{socket.gethostname()}"
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    if qs.worker_metrics_port:
+        start_http_server(qs.worker_metrics_port, registry=metrics.REGISTRY)
+    settings.device, _STATE["gpu"] = pick_device(settings.device, store().redis, _STATE["name"], 3 * qs.heartbeat_s)
+    threading.Thread(target=_heartbeat, args=(_STATE["name"],), name="merc-heartbeat", daemon=True).start()
+    for name_ in dict.fromkeys([settings.default_model, *settings.preload]):
+        try:
+            warm_up(get_predictor(name_, settings), settings)
+        except Exception:  # a missing bundle fails its jobs, with the reason, not the worker
+            log.exception("could not load bundle %s", name_)
+    metrics.MODELS_LOADED.set(len(loaded_models()))
+    extra = {"models": loaded_models(), "device": settings.device}
+    log.info("worker %s loaded its models", _STATE["name"], extra=extra)
+
+
+@signals.worker_ready.connect
+def _on_consuming(**_: Any) -> None:
+    """Ready (health check, tests) once the consumer takes jobs, after the models loaded."""
+    READY.set(1)
+
+
+def _heartbeat(name: str) -> None:
+    """Keep ``name`` alive in Redis; now and then delete jobs past their retention."""
+    qs = get_queue_settings()
+    last_sweep = 0.0
+    while True:
+        try:
+            store().beat(name, 3 * qs.heartbeat_s)
+            if _STATE.get("gpu") and not renew_slot(store().redis, _STATE["gpu"], name, 3 * qs.heartbeat_s):
+                log.warning("lost the claim on GPU %s (Redis was away longer than the TTL)", _STATE["gpu"])
+            if time.monotonic() - last_sweep >= qs.sweep_interval_s:
+                last_sweep = time.monotonic()
+                sweep_expired(store(), qs.retention_s)
+                redispatch_stranded(store())
+        except Exception:  # Redis away for a moment: try again next beat
+            log.warning("heartbeat failed", exc_info=True)
+        time.sleep(qs.heartbeat_s)

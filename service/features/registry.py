@@ -1,0 +1,71 @@
+"""One registry for the text, audio and visual extractors that bundles name in their feature spec.
+
+A feature-spec entry is ``{"extractor", "version", "dim"}`` (plus ``"options"`` for visual settings
+that change the features). :func:`make_spec` builds one from a name; :func:`get_extractor` returns the
+loaded extractor for an entry (once per process per name, options and device) and checks that its
+version and dimension are the ones the entry records.
+
+Names: text — ``minilm-l6-v2``, ``mpnet-base-v2``, a Hugging Face id or a local path (see
+service/features/text.py); audio — ``compare2016``, ``egemaps-v02``; visual — ``mtcnn-pyemotion``,
+``mtcnn-r3d18``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from models.data import DataError
+from models.train import resolve_device
+from service.features.audio import AUDIO_SETS, DEFAULT_AUDIO_EXTRACTOR, OpenSmileExtractor
+from service.features.visual import DEFAULT_VISUAL_EXTRACTOR, VISUAL_EXTRACTORS, VisualExtractor, VisualOptions
+
+DEFAULTS = {"text": "minilm-l6-v2", "audio": DEFAULT_AUDIO_EXTRACTOR, "visual": DEFAULT_VISUAL_EXTRACTOR}
+_EXTRACTORS: dict[tuple[Any, ...], Any] = {}
+_LOCK = threading.Lock()
+
+
+def list_extractors() -> dict[str, list[str]]:
+    """Registered names per modality (text also takes any local HF model id or path)."""
+    return {"text": ["minilm-l6-v2", "mpnet-base-v2"], "audio": sorted(AUDIO_SETS), "visual": sorted(VISUAL_EXTRACTORS)}
+
+
+def _build(modality: str, name: str, options: dict[str, Any] | None, device: str):
+    if modality == "text":
+        from service.features.text import get_text_encoder
+
+        return get_text_encoder(name, device=device)
+    if modality == "audio":
+        return OpenSmileExtractor(name)
+    if modality == "visual":
+        return VisualExtractor(name, VisualOptions.from_dict(options), resolve_device(device))
+    raise DataError(f"unknown modality {modality!r}")
+
+
+def get_extractor(modality: str, name: str, options: dict[str, Any] | None = None, device: str = "auto"):
+    """The loaded extractor (has ``.spec``); built once per process per (modality, name, options, device)."""
+    key = (modality, name, tuple(sorted((options or {}).items())), str(resolve_device(device)))
+    with _LOCK:
+        if key not in _EXTRACTORS:
+            _EXTRACTORS[key] = _build(modality, name, options, device)
+        return _EXTRACTORS[key]
+
+
+def make_spec(modality: str, name: str | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The feature-spec entry for an extractor name (loads it once to read its version)."""
+    extractor = get_extractor(modality, name or DEFAULTS[modality], options, "cpu")
+    entry = extractor.spec.to_dict()
+    if modality == "visual":
+        entry["options"] = {k: v for k, v in vars(extractor.options).items() if v is not None}
+    return entry
+
+
+def extractor_for(modality: str, entry: dict[str, Any], device: str = "auto"):
+    """The extractor a spec entry names; DataError when this host's version or dimension differ."""
+    extractor = get_extractor(modality, entry["extractor"], entry.get("options"), device)
+    if extractor.spec.version != entry["version"] or extractor.spec.dim != int(entry["dim"]):
+        raise DataError(
+            f"{modality} extractor {entry['extractor']!r} here is {extractor.spec.version} ({extractor.spec.dim}-d); "
+            f"the bundle expects {entry['version']} ({entry['dim']}-d)"
+        )
+    return extractor

@@ -1,0 +1,1 @@
+"""Media input: decoding and segmenting conversation audio/video."""

@@ -1,0 +1,262 @@
+"""Media decoding with PyAV: one pass over a file, audio to 16 kHz mono, frames sampled per utterance.
+
+:func:`decode_media` demuxes the audio and video streams of one file together, once, front to
+back. Audio is resampled to :data:`SAMPLE_RATE` mono float32 and kept (10 minutes = 38 MB); video
+frames are never all kept: inside each utterance window one decoded frame in ``frame_every`` is
+scaled down and converted to RGB by one swscale call (optionally also to a larger grayscale or RGB
+copy for cropping faces), handed to a callback in batches, then dropped. Frames that are not sampled
+are decoded (the codec needs them) but never converted.
+
+Media time is the player's clock: seconds from the container's start. A stream that starts late is
+padded with silence (audio) or simply has no frames there (video); timestamps, not frame counts,
+place frames, so variable frame rates are fine. Audio-only and video-only files work.
+
+Anything wrong with a file raises :class:`MediaError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+SAMPLE_RATE = 16000
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".ogg")
+TRUNCATION_TOLERANCE_S = 1.0
+
+Window = tuple[float, float | None]
+"""An utterance's ``(start, end)`` in seconds; ``end=None`` runs to the end of the media."""
+
+FrameSink = Callable[[np.ndarray, list[list[int]], "np.ndarray | None"], None]
+"""Receives ``frames`` (B, H, W, 3) uint8 RGB at ``short_side``; per frame, the indices of the windows it
+belongs to; and ``crops``: the same frames at ``crop_side``, (B, H2, W2) uint8 gray or (B, H2, W2, 3) RGB
+(None without ``crop_side``)."""
+
+
+class MediaError(ValueError):
+    """A media file that cannot be used; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames reach the visual extractor.
+
+    Attributes:
+        every: keep one decoded frame in ``every`` inside each window (the first one included).
+        short_side: sampled frames are scaled down (never up) to this shorter side, in pixels.
+        batch: frames per callback.
+        crop_side: when set, each sampled frame also comes at this shorter side (never upscaled) ...
+        crop_format: ... as ``"gray"`` or ``"rgb24"``.
+    """
+
+    every: int = 10
+    short_side: int = 360
+    batch: int = 32
+    crop_side: int | None = None
+    crop_format: str = "gray"
+
+
+@dataclass
+class DecodedMedia:
+    """What one pass over a file produced.
+
+    Attributes:
+        path: the file.
+        audio: (n,) float32 mono at :data:`SAMPLE_RATE`, sample 0 = media time 0; None without an audio stream.
+        has_video: the file has a video stream.
+        frames_sampled: frames handed to the sink.
+        frames_per_window: per window, how many frames were sampled inside it.
+        decode_seconds: wall time of demuxing, decoding, resampling and scaling (sink time excluded).
+    """
+
+    path: Path
+    audio: np.ndarray | None
+    has_video: bool
+    frames_sampled: int = 0
+    frames_per_window: list[int] = field(default_factory=list)
+    decode_seconds: float = 0.0
+
+
+def open_media(path: str | Path) -> av.container.InputContainer:
+    """Open ``path`` with PyAV; MediaError for a missing, zero-byte, unreadable or stream-less file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: zero-byte file")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+        raise MediaError(f"{path}: not a readable media file (corrupt, truncated or unsupported format: {e})") from None
+    if not container.streams.audio and not container.streams.video:
+        container.close()
+        raise MediaError(f"{path}: no audio or video stream")
+    return container
+
+
+def cut(audio: np.ndarray, start: float | None, end: float | None, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Samples ``round(start * rate)`` (inclusive) to ``round(end * rate)`` (exclusive) of ``audio`` (a view).
+
+    ``start=None`` means 0, ``end=None`` the end; the result is empty when the window lies outside.
+    """
+    i0 = 0 if start is None else max(0, round(start * rate))
+    i1 = len(audio) if end is None else min(len(audio), max(0, round(end * rate)))
+    return audio[i0 : max(i0, i1)]
+
+
+def _scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    scale = min(1.0, short_side / max(1, min(width, height)))
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+class _FrameSampler:
+    """Picks frames per window (one in ``every``), converts them, batches them into the sink."""
+
+    def __init__(self, windows: Sequence[Window], sampling: FrameSampling, sink: FrameSink | None) -> None:
+        self.windows = [(s, float("inf") if e is None else e) for s, e in windows]
+        self.sampling, self.sink = sampling, sink
+        self.seen = [0] * len(windows)
+        self.taken = [0] * len(windows)
+        self.batch: list[np.ndarray] = []
+        self.crops: list[np.ndarray] = []
+        self.owners: list[list[int]] = []
+        self.size: tuple[int, int] | None = None
+        self.crop_size: tuple[int, int] | None = None
+        self.sink_seconds = 0.0
+
+    def add(self, frame: av.VideoFrame, t: float) -> None:
+        chosen = []
+        for w, (start, end) in enumerate(self.windows):
+            if start <= t < end:
+                if self.seen[w] % self.sampling.every == 0:
+                    chosen.append(w)
+                    self.taken[w] += 1
+                self.seen[w] += 1
+        if not chosen or self.sink is None:
+            return
+        if self.size is None:
+            self.size = _scaled_size(frame.width, frame.height, self.sampling.short_side)
+            if self.sampling.crop_side is not None:
+                self.crop_size = _scaled_size(frame.width, frame.height, self.sampling.crop_side)
+        self.batch.append(frame.reformat(width=self.size[0], height=self.size[1], format="rgb24").to_ndarray())
+        if self.crop_size is not None:
+            w, h = self.crop_size
+            self.crops.append(frame.reformat(width=w, height=h, format=self.sampling.crop_format).to_ndarray())
+        self.owners.append(chosen)
+        if len(self.batch) >= self.sampling.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch and self.sink is not None:
+            started = time.perf_counter()
+            self.sink(np.stack(self.batch), self.owners, np.stack(self.crops) if self.crops else None)
+            self.sink_seconds += time.perf_counter() - started
+        self.batch, self.crops, self.owners = [], [], []
+
+
+class _AudioCollector:
+    """Resamples decoded audio frames to 16 kHz mono float32, padding a late stream start with zeros."""
+
+    def __init__(self) -> None:
+        self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self.chunks: list[np.ndarray] = []
+        self.first_t: float | None = None
+
+    def add(self, frame: av.AudioFrame, t: float) -> None:
+        if self.first_t is None:
+            self.first_t = t
+        for out in self.resampler.resample(frame):
+            self.chunks.append(out.to_ndarray().reshape(-1))
+
+    def finish(self) -> np.ndarray:
+        """(n,) float32; a stream starting at t > 0 gets t seconds of leading zeros, t < 0 (priming) is cut."""
+        for out in self.resampler.resample(None):
+            self.chunks.append(out.to_ndarray().reshape(-1))
+        signal = np.concatenate(self.chunks).astype(np.float32, copy=False) if self.chunks else np.zeros(0, np.float32)
+        offset = round((self.first_t or 0.0) * SAMPLE_RATE)
+        if offset > 0:
+            return np.concatenate([np.zeros(offset, dtype=np.float32), signal])
+        return signal[-offset:]
+
+
+def _frame_time(frame: av.AudioFrame | av.VideoFrame, origin: float, last: float) -> float:
+    return last if frame.time is None else float(frame.time) - origin
+
+
+def decode_media(
+    path: str | Path,
+    windows: Sequence[Window],
+    want_audio: bool = True,
+    sink: FrameSink | None = None,
+    sampling: FrameSampling = FrameSampling(),
+) -> DecodedMedia:
+    """Decode ``path`` once: keep its audio (when ``want_audio``), send sampled frames to ``sink``.
+
+    Frames are only decoded when a sink is given. Decoding stops once every wanted stream has
+    passed the last window's end. Raises MediaError for unreadable, corrupt or truncated files.
+    """
+    path = Path(path)
+    container = open_media(path)
+    started = time.perf_counter()
+    with container:
+        audio_stream = container.streams.audio[0] if want_audio and container.streams.audio else None
+        video_stream = container.streams.video[0] if sink is not None and container.streams.video else None
+        if video_stream is not None:
+            video_stream.thread_type = "AUTO"
+        streams = [s for s in (audio_stream, video_stream) if s is not None]
+        sampler = _FrameSampler(windows, sampling, sink)
+        collector = _AudioCollector() if audio_stream is not None else None
+        _demux(container, streams, collector, sampler, windows, path)
+        sampler.flush()
+        audio = collector.finish() if collector is not None else None
+        has_video = bool(container.streams.video)
+    return DecodedMedia(
+        path=path,
+        audio=audio,
+        has_video=has_video,
+        frames_sampled=sum(sampler.taken),
+        frames_per_window=list(sampler.taken),
+        decode_seconds=time.perf_counter() - started - sampler.sink_seconds,
+    )
+
+
+def _demux(container, streams, collector, sampler, windows, path: Path) -> None:
+    """The decode loop: each packet of ``streams`` decoded once, frames routed by stream type."""
+    if not streams:
+        return
+    origin = container.start_time / 1e6 if container.start_time is not None else 0.0
+    horizon = max((float("inf") if e is None else e) for _, e in windows) if windows else float("inf")
+    last = {s.index: 0.0 for s in streams}
+    done: set[int] = set()
+    try:
+        for packet in container.demux(streams):
+            index = packet.stream.index
+            for frame in packet.decode():
+                t = _frame_time(frame, origin, last[index])
+                last[index] = t
+                if packet.stream.type == "video":
+                    sampler.add(frame, t)
+                else:
+                    collector.add(frame, t)
+                if t > horizon:
+                    done.add(index)
+            if len(done) == len(streams):
+                return
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"{path}: corrupt or truncated media near {max(last.values()):.2f} s ({e})") from None
+    _check_complete(container, last, path)
+
+
+def _check_complete(container, last: dict[int, float], path: Path) -> None:
+    """MediaError when a stream stops well before the duration the file's header declares."""
+    if container.duration is None:
+        return
+    declared = container.duration / 1e6
+    reached = max(last.values())
+    if reached + TRUNCATION_TOLERANCE_S < declared * 0.95:
+        raise MediaError(f"{path}: truncated: media ends at {reached:.2f} s but the header declares {declared:.2f} s")

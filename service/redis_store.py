@@ -1,0 +1,233 @@
+"""The job store of distributed mode: job state in Redis, job files on the shared volume.
+
+Same interface as the SQLite ``service.store.JobStore`` (the API and ``process_job`` use
+either), chosen when ``MERC_QUEUE`` is set. Why Redis and not SQLite on the shared volume:
+worker hosts reach Redis anyway (it is the broker), SQLite's locking is unsafe on network
+file systems, and an API restart or a second API replica sees every job at once.
+
+Layout (``prefix`` defaults to ``merc:``)::
+
+    merc:job:<id>            hash: status, model, kind, times, attempts, worker, error (JSON), ...
+    merc:status:<status>     sorted set of ids per status, scored by the time they entered it
+    merc:finished            sorted set of finished ids, scored by finish time (retention)
+    merc:alive:<worker>      key with a TTL, refreshed by each live worker (see ``beat``)
+    <data_dir>/jobs/<id>/    request.json, media, features.npz, result.json (by reference)
+
+Status transitions are single Lua scripts, so ``start`` is atomic across hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from service.store import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, JobStore
+
+_MOVE = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur or (ARGV[2] ~= '' and cur ~= ARGV[2]) then return 0 end
+local id = redis.call('HGET', KEYS[1], 'id')
+redis.call('ZREM', ARGV[1] .. 'status:' .. cur, id)
+redis.call('ZADD', ARGV[1] .. 'status:' .. ARGV[3], ARGV[4], id)
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'updated_at', ARGV[4])
+if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then redis.call('ZADD', ARGV[1] .. 'finished', ARGV[4], id) end
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+_FLOATS = ("created_at", "updated_at", "started_at", "finished_at", "dispatched_at")
+_INTS = ("attempts", "n_utterances")
+LOST = {
+    "type": "urn:merc:problem:worker-lost",
+    "title": "Worker lost",
+    "detail": "the worker running this job stopped {n} times (killed, out of memory or host lost)",
+}
+
+
+class RedisJobStore:
+    """Jobs shared by the API and every worker host through one Redis."""
+
+    def __init__(self, url: str, data_dir: str | Path, prefix: str = "merc:") -> None:
+        self.url, self.prefix = url, prefix
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.tmp_dir = self.data_dir / "tmp"
+        for d in (self.data_dir, self.jobs_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        self.worker_name = ""  # recorded by start(): set by a worker process to its node name
+        # the API sets these to hand new jobs to Celery and to drop Celery's copies of deleted ones
+        self.on_create: Callable[[str], None] | None = None
+        self.on_delete: Callable[[str], None] | None = None
+        self._move = self.redis.register_script(_MOVE)
+
+    # ------------------------------------------------------------ the JobStore interface
+
+    job_dir = JobStore.job_dir  # the same folder layout, on the shared volume
+    new_id = staticmethod(JobStore.new_id)
+
+    def create(self, job_id: str, model: str, kind: str, n_utterances: int, callback_url: str | None = None) -> None:
+        """Insert a queued job (its folder must already hold request.json)."""
+        now = time.time()
+        fields = {"id": job_id, "status": QUEUED, "model": model, "kind": kind, "created_at": now}
+        fields |= {"updated_at": now, "attempts": 0, "n_utterances": n_utterances}
+        if callback_url:
+            fields["callback_url"] = callback_url
+        with self.redis.pipeline() as p:
+            p.hset(self._key(job_id), mapping=fields)
+            p.zadd(self._status_key(QUEUED), {job_id: now})
+            p.execute()
+        if self.on_create is not None:
+            self.on_create(job_id)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job as a dict like the SQLite store's row (``result`` read from result.json), or None."""
+        raw = self.redis.hgetall(self._key(job_id))
+        if not raw:
+            return None
+        job: dict[str, Any] = {"callback_url": None, "started_at": None, "finished_at": None, **raw}
+        for k in _FLOATS:
+            job[k] = float(job[k]) if job.get(k) else None
+        for k in _INTS:
+            job[k] = int(job.get(k) or 0)
+        job["error"] = json.loads(raw["error"]) if raw.get("error") else None
+        job["result"] = self._read_result(job_id) if job["status"] == SUCCEEDED else None
+        return job
+
+    def status(self, job_id: str) -> str | None:
+        return self.redis.hget(self._key(job_id), "status")
+
+    def start(self, job_id: str) -> bool:
+        """queued -> running, atomically across hosts; counts the attempt and records the worker."""
+        now = time.time()
+        return self._transition(job_id, QUEUED, RUNNING, attempt=True, started_at=now, worker=self.worker_name)
+
+    def finish(self, job_id: str, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+        """-> succeeded (result written to result.json) or failed (with ``error``); False if deleted."""
+        if error is None and not self._write_result(job_id, result):
+            return False
+        fields: dict[str, Any] = {"finished_at": time.time()}
+        if error is not None:
+            fields["error"] = json.dumps(error)
+        return self._transition(job_id, "", FAILED if error is not None else SUCCEEDED, **fields)
+
+    def update_result(self, job_id: str, result: dict[str, Any], n_utterances: int) -> bool:
+        """Replace a finished job's result (appended utterances)."""
+        if self.status(job_id) != SUCCEEDED or not self._write_result(job_id, result):
+            return False
+        return self._transition(job_id, SUCCEEDED, SUCCEEDED, n_utterances=n_utterances)
+
+    def next_queued(self) -> str | None:
+        ids = self.redis.zrange(self._status_key(QUEUED), 0, 0)
+        return ids[0] if ids else None
+
+    def depth(self) -> dict[str, int]:
+        with self.redis.pipeline(transaction=False) as p:
+            for s in STATUSES:
+                p.zcard(self._status_key(s))
+            return dict(zip(STATUSES, p.execute(), strict=True))
+
+    def pending(self) -> int:
+        d = self.depth()
+        return d[QUEUED] + d[RUNNING]
+
+    def recover(self, max_attempts: int) -> dict[str, list[str]]:
+        """Nothing to do at API start: running jobs belong to workers; lost ones come back via the broker."""
+        return {"requeued": [], "failed": []}
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the job everywhere: its hash, its index entries, its folder (media, features, result)."""
+        with self.redis.pipeline() as p:
+            p.delete(self._key(job_id))
+            for s in STATUSES:
+                p.zrem(self._status_key(s), job_id)
+            p.zrem(self.prefix + "finished", job_id)
+            existed = p.execute()[0]
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        if existed and self.on_delete is not None:
+            self.on_delete(job_id)
+        return bool(existed)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    # ------------------------------------------------------------ distributed mode only
+
+    def requeue_lost(self, job_id: str, max_attempts: int) -> str | None:
+        """A running job whose worker is gone: back to queued, or failed after ``max_attempts``."""
+        job = self.redis.hmget(self._key(job_id), "status", "attempts")
+        if job[0] != RUNNING:
+            return job[0]
+        attempts = int(job[1] or 0)
+        if attempts >= max_attempts:
+            error = {**LOST, "detail": LOST["detail"].format(n=attempts)}
+            self._transition(job_id, RUNNING, FAILED, finished_at=time.time(), error=json.dumps(error))
+            return FAILED
+        return QUEUED if self._transition(job_id, RUNNING, QUEUED) else self.status(job_id)
+
+    def holder(self, job_id: str) -> str:
+        """The worker that last started the job ('' if none)."""
+        return self.redis.hget(self._key(job_id), "worker") or ""
+
+    def mark_dispatched(self, job_id: str) -> None:
+        self.redis.hset(self._key(job_id), "dispatched_at", time.time())
+
+    def undispatched(self, older_than_s: float) -> list[str]:
+        """Queued jobs never handed to the broker (the API stopped between create and send)."""
+        cutoff = time.time() - older_than_s
+        ids = self.redis.zrangebyscore(self._status_key(QUEUED), "-inf", cutoff)
+        with self.redis.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.hget(self._key(job_id), "dispatched_at")
+            marks = p.execute()
+        return [j for j, mark in zip(ids, marks, strict=True) if not mark]
+
+    def expired(self, retention_s: float) -> list[str]:
+        """Ids of jobs finished more than ``retention_s`` seconds ago."""
+        return self.redis.zrangebyscore(self.prefix + "finished", "-inf", time.time() - retention_s)
+
+    def beat(self, worker: str, ttl_s: float) -> None:
+        """Say that ``worker`` is alive for the next ``ttl_s`` seconds."""
+        self.redis.set(self.prefix + "alive:" + worker, time.time(), px=int(ttl_s * 1000))
+
+    def alive(self, worker: str) -> bool:
+        return bool(worker) and self.redis.exists(self.prefix + "alive:" + worker) == 1
+
+    # ------------------------------------------------------------ helpers
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def _status_key(self, status: str) -> str:
+        return f"{self.prefix}status:{status}"
+
+    def _transition(self, job_id: str, expected: str, new: str, attempt: bool = False, **fields: Any) -> bool:
+        pairs = [str(x) for kv in fields.items() for x in kv]
+        args = [self.prefix, expected, new, time.time(), "1" if attempt else "0", *pairs]
+        return self._move(keys=[self._key(job_id)], args=args) == 1
+
+    def _write_result(self, job_id: str, result: dict[str, Any] | None) -> bool:
+        """result.json in the job's folder, atomically; False if the folder is gone (deleted job)."""
+        folder = self.job_dir(job_id)
+        if not folder.is_dir():
+            return False
+        tmp = folder / f"result.{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_text(json.dumps(result))
+            tmp.replace(folder / "result.json")
+        except FileNotFoundError:  # deleted meanwhile
+            return False
+        return True
+
+    def _read_result(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.job_dir(job_id) / "result.json").read_text())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,81 @@
+"""Media the tests build themselves with PyAV (and espeak-ng when installed)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_MEDIA = ROOT.parent / "shared" / "media"
+
+
+def tone(seconds: float, rate: int = 16000, freq: float = 220.0, level: float = 0.3) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (level * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def write_wav(path: Path, signal: np.ndarray, rate: int = 16000) -> Path:
+    """Mono 16-bit PCM WAV."""
+    pcm = np.clip(np.round(signal * 32767), -32768, 32767).astype(np.int16)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        for i in range(0, len(pcm), 1024):
+            frame = av.AudioFrame.from_ndarray(pcm[None, i : i + 1024], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def write_video(
+    path: Path,
+    seconds: float = 2.0,
+    fps: int = 25,
+    size: tuple[int, int] = (160, 120),
+    audio: np.ndarray | None = None,
+    audio_rate: int = 16000,
+    audio_start: float = 0.0,
+) -> Path:
+    """H.264 (mp4) or MPEG-4 video of moving grey frames, optional AAC audio starting at ``audio_start`` s."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264" if path.suffix == ".mp4" else "mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
+        sound = None
+        if audio is not None:
+            sound = out.add_stream("aac", rate=audio_rate, layout="mono")
+        for i in range(round(seconds * fps)):
+            img = np.full((size[1], size[0], 3), (i * 7) % 255, dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        if sound is not None:
+            _encode_audio(out, sound, audio, audio_rate, audio_start)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return path
+
+
+def _encode_audio(out, sound, signal: np.ndarray, rate: int, start: float) -> None:
+    offset = round(start * rate)
+    for i in range(0, len(signal), 1024):
+        frame = av.AudioFrame.from_ndarray(signal[None, i : i + 1024].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, offset + i, Fraction(1, rate)
+        for packet in sound.encode(frame):
+            out.mux(packet)
+    for packet in sound.encode(None):
+        out.mux(packet)
+
+
+def espeak(path: Path, text: str) -> Path | None:
+    """A WAV of ``text`` spoken by espeak-ng, or None when espeak-ng is not installed."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        return None
+    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return path
