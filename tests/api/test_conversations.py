@@ -9,12 +9,16 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from service.settings import Settings
 from tests.api.conftest import MEDIA, assert_problem, conversation
+
+DEFAULT = Settings().default_model
+OTHER = "dmd-meld7" if DEFAULT != "dmd-meld7" else "sdt-meld7"  # preloaded, not the default
 
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    return server_factory(MERC_PRELOAD="sdt-meld7")
+    return server_factory(MERC_PRELOAD=OTHER)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def test_chatbot_calls_post_append_get(client):
     job = r.json()
     assert job["status"] == "succeeded" and r.headers["location"] == f"/v1/conversations/{job['id']}"
     result = job["result"]
-    assert result["model"] == "dmd-meld7" and len(result["labels"]) == 7
+    assert result["model"] == DEFAULT and len(result["labels"]) == 7
     assert [u["id"] for u in result["utterances"]] == ["u0", "u1", "u2"]
     assert [u["index"] for u in result["utterances"]] == [0, 1, 2]
     assert all(u["modalities"] == ["text"] for u in result["utterances"])
@@ -87,8 +91,8 @@ def test_async_job_with_wait_zero_then_poll(client):
 def test_model_selection_and_listing(client):
     models = client.get("/v1/models").json()
     names = {m["name"]: m for m in models["models"]}
-    assert models["default"] == "dmd-meld7" and names["dmd-meld7"]["default"]
-    assert names["sdt-meld7"]["loaded"] and names["sdt-meld7"]["architecture"] == "sdt"
+    assert models["default"] == DEFAULT and names[DEFAULT]["default"]
+    assert names[OTHER]["loaded"] and not names[OTHER]["default"] and names["sdt-mosi2"]["architecture"] == "sdt"
     assert names["iteach-mosi2"]["modalities"] == ["text", "audio", "visual"]
     assert set(names["dmd-iemocap6"]["dev_metrics"]) == {"accuracy", "weighted_f1", "macro_f1"}
     body = {**conversation(2), "model": "dmd-iemocap6"}
@@ -187,7 +191,7 @@ def test_callback_url_receives_the_finished_job(client):
 def test_health_readiness_metrics_and_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready["status"] == "ready" and "dmd-meld7" in ready["models"]
+    assert ready["status"] == "ready" and DEFAULT in ready["models"]
     text = client.get("/metrics").text
     for name in (
         "merc_http_requests_total",

