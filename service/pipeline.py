@@ -8,6 +8,8 @@ The same code path serves ``merc predict``, ``merc extract`` and the service's w
   ``end``; a conversation of one utterance without times uses the whole file (MELD's per-utterance
   clips). Audio is decoded first and its features computed on a worker thread while the video decodes
   and faces are detected (each stream is decoded once).
+* :func:`extract_features_many` does the same for several conversations as one batch: one text
+  encoder call, one openSMILE pass over all cuts, face detection batched across files, one face-CNN pass.
 * :func:`run_conversation` adds the prediction and says per modality whether it was supplied, used,
   and why not.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,15 @@ from service.features.registry import extractor_for
 from service.media.decode import MediaError, Window, cut, decode_media, open_media
 from service.predictor import Predictor, unusable_modalities
 
-__all__ = ["STAGES", "MediaError", "MediaInput", "extract_features", "run_conversation", "supplied_modalities"]
+__all__ = [
+    "STAGES",
+    "MediaError",
+    "MediaInput",
+    "extract_features",
+    "extract_features_many",
+    "run_conversation",
+    "supplied_modalities",
+]
 
 STAGES = ("decode", "text", "audio", "face_detection", "face_cnn")
 INLINE = "inline"
@@ -59,58 +70,121 @@ def utterance_windows(conv: Conversation) -> list[Window]:
     return windows
 
 
-def _text(conv: Conversation, entry: dict[str, Any], device: str) -> list[np.ndarray | None]:
+def _text(convs: Sequence[Conversation], entry: dict[str, Any], device: str) -> list[list[np.ndarray | None]]:
+    """Text vectors of every utterance of ``convs``, encoded in one batched call, split per conversation."""
     encoder = extractor_for("text", entry, device)
-    vectors, present = encoder.encode_with_mask([u.text for u in conv.utterances], show_progress=False)
-    return [vec if ok else None for vec, ok in zip(vectors, present, strict=True)]
+    texts = [u.text for conv in convs for u in conv.utterances]
+    vectors, present = encoder.encode_with_mask(texts, show_progress=False)
+    flat = [vec if ok else None for vec, ok in zip(vectors, present, strict=True)]
+    return _split(flat, [len(conv.utterances) for conv in convs])
 
 
-def _audio_job(path: Path, windows: list[Window], entry, device, out: Features, timings, errors) -> None:
+def _split(flat: list, sizes: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(flat[start : start + n])
+        start += n
+    return out
+
+
+def _audio_job(jobs: list[tuple[int, Path, list[Window]]], entry, device, outs: list[Features], timings, errors):
+    """Decode each file's audio, cut its windows, run openSMILE on all cuts of all files at once."""
     try:
-        decoded = decode_media(path, windows, want_audio=True)
-        timings["decode"] += decoded.decode_seconds
+        cuts, owners = [], []
+        for k, path, windows in jobs:
+            decoded = decode_media(path, windows, want_audio=True)
+            timings["decode"] += decoded.decode_seconds
+            outs[k]["audio"] = [None] * len(windows)
+            if decoded.audio is not None:
+                cuts += [cut(decoded.audio, s, e) for s, e in windows]
+                owners += [(k, i) for i in range(len(windows))]
         started = time.perf_counter()
-        if decoded.audio is None:
-            out["audio"] = [None] * len(windows)
-        else:
-            extractor = extractor_for("audio", entry, device)
-            out["audio"] = extractor.extract([cut(decoded.audio, s, e) for s, e in windows])
+        if cuts:
+            vectors = extractor_for("audio", entry, device).extract(cuts)
+            for (k, i), vec in zip(owners, vectors, strict=True):
+                outs[k]["audio"][i] = vec
         timings["audio"] += time.perf_counter() - started
     except BaseException as e:  # re-raised in the caller's thread
         errors.append(e)
 
 
-def _visual(path: Path, windows: list[Window], entry, device, timings) -> list[np.ndarray | None]:
+def _visual(jobs: list[tuple[int, Path, list[Window]]], entry, device, outs: list[Features], timings) -> None:
+    """Decode each video into one shared :class:`VisualBatch` (detection batched across files)."""
     extractor = extractor_for("visual", entry, device)
-    session = extractor.session(len(windows))
-    decoded = decode_media(path, windows, want_audio=False, sink=session, sampling=extractor.sampling())
-    vectors = session.finish()
-    timings["decode"] += decoded.decode_seconds
-    timings["face_detection"] += session.detection_seconds
-    timings["face_cnn"] += session.cnn_seconds
-    return vectors
+    batch = extractor.batch()
+    sessions = []
+    try:
+        for k, path, windows in jobs:
+            session = batch.session(len(windows))
+            decoded = decode_media(path, windows, want_audio=False, sink=session, sampling=extractor.sampling())
+            timings["decode"] += decoded.decode_seconds
+            sessions.append((k, session))
+        results = batch.finish()
+    finally:
+        batch.close()
+    for (k, _), vectors in zip(sessions, results, strict=True):
+        outs[k]["visual"] = vectors
+    timings["face_detection"] += batch.detection_seconds
+    timings["face_cnn"] += batch.cnn_seconds
 
 
-def _media_features(conv, spec, media: MediaInput, device: str, out: Features, timings) -> None:
-    windows = utterance_windows(conv)
+def _media_features(convs, spec, medias: Sequence[MediaInput | None], device: str, outs, timings) -> None:
+    """Audio on a worker thread (openSMILE releases the GIL) while videos decode and faces are detected."""
+    jobs = {m: [] for m in ("audio", "visual")}
+    for k, (conv, media) in enumerate(zip(convs, medias, strict=True)):
+        if media is None or not (media.video or media.audio):
+            continue
+        windows = utterance_windows(conv)
+        for m, path in (("audio", media.audio_source), ("visual", media.video)):
+            if m in spec and path is not None:
+                jobs[m].append((k, path, windows))
     errors: list[BaseException] = []
     worker = None
-    if "audio" in spec:
-        if media.audio_source is None:
-            out["audio"] = [None] * len(windows)
-        else:
-            args = (media.audio_source, windows, spec["audio"], device, out, timings, errors)
-            worker = threading.Thread(target=_audio_job, args=args, name="merc-audio", daemon=True)
-            worker.start()
+    if jobs["audio"]:
+        args = (jobs["audio"], spec["audio"], device, outs, timings, errors)
+        worker = threading.Thread(target=_audio_job, args=args, name="merc-audio", daemon=True)
+        worker.start()
     try:
-        if "visual" in spec:
-            no_video = [None] * len(windows)
-            out["visual"] = _visual(media.video, windows, spec["visual"], device, timings) if media.video else no_video
+        if jobs["visual"]:
+            _visual(jobs["visual"], spec["visual"], device, outs, timings)
     finally:
         if worker is not None:
             worker.join()
     if errors:
         raise errors[0]
+
+
+def extract_features_many(
+    convs: Sequence[Conversation],
+    spec: dict[str, dict],
+    medias: Sequence[MediaInput | None] | None = None,
+    device: str = "auto",
+) -> tuple[list[Features], dict[str, float]]:
+    """Features of several conversations as one batch, and the batch's seconds per stage.
+
+    Text is encoded in one call, openSMILE runs over every utterance cut of every file on one worker
+    thread, faces are detected in frame batches that span files and embedded in one pass. Raises
+    MediaError / DataError for the first unusable file or transcript (the whole batch fails).
+    """
+    medias = list(medias) if medias is not None else [None] * len(convs)
+    timings = dict.fromkeys(STAGES, 0.0)
+    outs: list[Features] = [{} for _ in convs]
+    computed = {m: e for m, e in spec.items() if e.get("version") != INLINE}
+    for m in set(spec) - set(computed):
+        for conv, out in zip(convs, outs, strict=True):
+            out[m] = inline_features(conv, m)
+    if "text" in computed:
+        started = time.perf_counter()
+        for out, vectors in zip(outs, _text(convs, computed["text"], device), strict=True):
+            out["text"] = vectors
+        timings["text"] = time.perf_counter() - started
+    media_spec = {m: e for m, e in computed.items() if m in ("audio", "visual")}
+    if media_spec:
+        _media_features(convs, media_spec, medias, device, outs, timings)
+    for conv, out in zip(convs, outs, strict=True):
+        for m in media_spec:
+            out.setdefault(m, [None] * len(conv.utterances))
+    return outs, timings
 
 
 def extract_features(
@@ -121,22 +195,8 @@ def extract_features(
     Inline entries read ``utterance.features``; audio/visual without media are absent everywhere.
     Raises MediaError for unusable media, DataError for a transcript that cannot be cut.
     """
-    timings = dict.fromkeys(STAGES, 0.0)
-    n = len(conv.utterances)
-    out: Features = {}
-    computed = {m: e for m, e in spec.items() if e.get("version") != INLINE}
-    for m in set(spec) - set(computed):
-        out[m] = inline_features(conv, m)
-    if "text" in computed:
-        started = time.perf_counter()
-        out["text"] = _text(conv, computed["text"], device)
-        timings["text"] = time.perf_counter() - started
-    media_spec = {m: e for m, e in computed.items() if m in ("audio", "visual")}
-    if media_spec and media is not None and (media.video or media.audio):
-        _media_features(conv, media_spec, media, device, out, timings)
-    for m in media_spec:
-        out.setdefault(m, [None] * n)
-    return out, timings
+    outs, timings = extract_features_many([conv], spec, [media], device)
+    return outs[0], timings
 
 
 def supplied_modalities(conv: Conversation, media: MediaInput | None) -> dict[str, bool]:

@@ -1,27 +1,31 @@
-"""MTCNN face detection over frame batches: facenet-pytorch's networks and weights, batched crops.
+"""MTCNN face detection over frame batches: facenet-pytorch's networks and weights, batched resampling.
 
 Why this module exists
 ----------------------
 facenet-pytorch's ``detect_face`` runs the three MTCNN networks (PNet on an image pyramid, RNet on
-24x24 candidate crops, ONet on 48x48 crops) on whole batches, but it cuts and resizes every candidate
-box with its own ``interpolate`` call (a Python loop of hundreds of calls per frame on a textured
-background), and runs PNet on the whole batch at once, whose feature maps (10 channels at the first
-pyramid level, for 32 frames ~70 MB) fall out of the CPU caches. On a 2-core CPU those two costs were
-about half of face detection.
+24x24 candidate crops, ONet on 48x48 crops) on whole batches, but it cuts and area-resizes every
+candidate box with its own ``interpolate`` call (a Python loop over ~40 boxes per frame), builds every
+pyramid level with adaptive average pooling (slow for the pyramid's non-integer ratios), runs PNet on
+the whole batch at once (first-level feature maps of ~70 MB for 32 frames, far out of cache), and its
+3x3 max-pools run in NCHW layout, about twice as slow on CPU as channels-last. On a 2-core CPU this
+made it ~1.8x slower than this module.
 
-What is different from ``facenet_pytorch.MTCNN.detect``
--------------------------------------------------------
-* Candidate crops for RNet and ONet are cut and resized by one ``torchvision.ops.roi_align`` call per
-  stage (adaptive sampling: about one bilinear sample per source pixel, averaged per output cell)
-  instead of area interpolation box by box. The crop rectangles are facenet's own (``pad``: integer
-  box clipped to the image), so scores and boxes agree closely but not bit for bit (tests check
-  IoU > 0.9 against ``MTCNN.detect`` on the shared videos).
-* PNet runs on chunks of ``chunk`` frames per pyramid level (cache-sized feature maps).
-* Degenerate candidates (no pixel inside the image) are dropped with their scores; facenet keeps
-  their scores, which misaligns boxes and scores in that rare case.
+What is different from ``facenet_pytorch.MTCNN.detect`` (same results, other arithmetic)
+-----------------------------------------------------------------------------------------
+* Area interpolation (pyramid levels and candidate crops) is read from one integer summed-area table
+  per frame: every output cell is an exact pixel sum over the same rectangle PyTorch's adaptive
+  pooling uses, so the values equal ``interpolate(mode="area")`` up to float rounding; all crops of a
+  stage come from four gathers instead of a loop of resize calls. The crop rectangles are facenet's
+  (``pad``: integer box clipped to the frame).
+* PNet runs ``chunk`` frames at a time through every level; PNet, RNet and ONet are private copies in
+  channels-last layout.
+* Degenerate candidates (no pixel inside the frame) are dropped with their scores; facenet keeps their
+  scores, which misaligns boxes and scores in that rare case.
 
-Everything else (pyramid, thresholds, NMS order and kinds, box regression, landmarks) is facenet's,
-via its helper functions.
+Everything else (pyramid scales, thresholds, NMS order and kinds, box regression, landmarks) is
+facenet's, through its helper functions. tests/service/test_mtcnn_batched.py checks crops and pyramid
+against facenet's resizing and boxes (IoU > 0.9), scores and landmarks against ``MTCNN.detect`` on the
+shared videos (they agree to float rounding).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from facenet_pytorch.models.utils.detect_face import (
     pad,
     rerec,
 )
-from torch.nn.functional import interpolate
 from torchvision.ops import batched_nms
 
 
@@ -55,11 +58,6 @@ class Faces:
     boxes: np.ndarray
     probs: np.ndarray
     points: np.ndarray
-
-    def scaled(self, sx: float, sy: float) -> Faces:
-        """The same faces in an image ``sx`` times wider and ``sy`` times taller."""
-        scale = np.array([sx, sy, sx, sy], np.float32)
-        return Faces(self.boxes * scale, self.probs, self.points * np.array([sx, sy], np.float32))
 
 
 def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
@@ -94,20 +92,45 @@ def area_bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[tor
     return start[:, None] + i * length // size, start[:, None] + ((i + 1) * length + size - 1) // size
 
 
+def area_resize(table: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area interpolation of the frames behind ``table`` (n, H + 1, W + 1, 3) to ``size`` (h, w).
+
+    Returns (n, 3, h, w) float32 in 0..255, channels-last in memory (PNet runs faster on it): the
+    values of ``interpolate(frames, size, mode="area")`` from four slabs of the summed-area table,
+    several times cheaper than adaptive average pooling for the non-integer ratios of the pyramid.
+    """
+    one, sat = torch.zeros(1, dtype=torch.int64), table.numpy()  # NumPy's gathers are faster here
+    rlo, rhi = (b[0].numpy() for b in area_bins(one, torch.tensor([sat.shape[1] - 1]), size[0]))
+    clo, chi = (b[0].numpy() for b in area_bins(one, torch.tensor([sat.shape[2] - 1]), size[1]))
+    rows = sat[:, rhi] - sat[:, rlo]
+    cells = rows[:, :, chi] - rows[:, :, clo]
+    scale = 1.0 / ((rhi - rlo)[:, None] * (chi - clo)[None, :]).astype(np.float32)
+    return torch.from_numpy(cells.astype(np.float32) * scale[None, :, :, None]).permute(0, 3, 1, 2)
+
+
 def area_sample(table: torch.Tensor, owners: torch.Tensor, rows, cols) -> torch.Tensor:
     """Means (K, Y, X, 3) float32 over the pixel rectangles ``rows`` x ``cols`` of frame ``owners`` (K,).
 
     ``rows`` = (lo, hi) each (K, Y), ``cols`` (K, X), from :func:`area_bins`; ``table`` from
-    :func:`integral_images`. Four gathers, exact integer sums: the same values as area interpolation.
+    :func:`integral_images`. Four gathers of exact integer sums: the values of area interpolation.
     """
-    b, y0, y1 = owners[:, None, None], rows[0][:, :, None], rows[1][:, :, None]
+    _, hp, wp, c = table.shape
+    flat = table.reshape(-1, c)
+    base = (owners * (hp * wp))[:, None, None]
+    y0, y1 = rows[0][:, :, None] * wp, rows[1][:, :, None] * wp
     x0, x1 = cols[0][:, None, :], cols[1][:, None, :]
-    total = table[b, y1, x1] - table[b, y0, x1] - table[b, y1, x0] + table[b, y0, x0]
-    return total.float() / ((y1 - y0) * (x1 - x0)).unsqueeze(-1).float()
+
+    def corner(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, (base + y + x).reshape(-1))
+
+    total = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
+    area = ((rows[1] - rows[0])[:, :, None] * (cols[1] - cols[0])[:, None, :]).reshape(-1, 1).float()
+    return (total.float() / area).view(len(owners), rows[0].shape[1], cols[0].shape[1], c)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return (x - 127.5) * 0.0078125
+    """MTCNN's input scaling of 0..255 values, in place: (x - 127.5) / 128."""
+    return x.sub_(127.5).mul_(0.0078125)
 
 
 def crop_boxes(table: torch.Tensor, boxes: torch.Tensor, owners: torch.Tensor, size: int):
@@ -144,7 +167,7 @@ class BatchedMTCNN:
     """
 
     def __init__(self, mtcnn, chunk: int = 8) -> None:
-        self.pnet = copy.deepcopy(mtcnn.pnet).eval()
+        self.pnet = copy.deepcopy(mtcnn.pnet).eval().to(memory_format=torch.channels_last)
         self.rnet = copy.deepcopy(mtcnn.rnet).eval().to(memory_format=torch.channels_last)
         self.onet = copy.deepcopy(mtcnn.onet).eval().to(memory_format=torch.channels_last)
         self.min_face_size, self.factor = float(mtcnn.min_face_size), float(mtcnn.factor)
@@ -155,9 +178,9 @@ class BatchedMTCNN:
     @torch.inference_mode()
     def detect(self, frames: np.ndarray | torch.Tensor) -> list[Faces]:
         """Faces per frame of ``frames`` (B, H, W, 3) uint8 RGB, most probable first."""
-        frames = np.array(frames, dtype=np.uint8, order="C", copy=not getattr(frames, "flags", None) or None)
-        boxes, owners = self._proposals(frames)
+        frames = np.ascontiguousarray(np.asarray(frames, dtype=np.uint8))
         table = integral_images(frames)
+        boxes, owners = self._proposals(table)
         points = torch.zeros(0, 5, 2)
         if len(boxes):
             boxes, owners = self._refine(table, boxes, owners)
@@ -165,19 +188,19 @@ class BatchedMTCNN:
                 boxes, owners, points = self._output(table, boxes, owners)
         return self._split(len(frames), boxes, owners, points)
 
-    def _proposals(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _proposals(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1: PNet over the pyramid -> (N, 5) squared boxes with scores, (N,) frame index.
 
         ``chunk`` frames at a time through every pyramid level (cache-sized feature maps).
         """
-        n, h, w = frames.shape[:3]
+        n, h, w = table.shape[0], table.shape[1] - 1, table.shape[2] - 1
         boxes, owners = [torch.zeros(0, 9)], [torch.zeros(0, dtype=torch.long)]
         scales = pyramid_scales(h, w, self.min_face_size, self.factor)
         for start in range(0, n, self.chunk):
-            chunk = torch.from_numpy(frames[start : start + self.chunk]).to(self.device).permute(0, 3, 1, 2).float()
+            chunk = table[start : start + self.chunk]
             for scale in scales:
-                level = interpolate(chunk, size=(int(h * scale + 1), int(w * scale + 1)), mode="area")
-                reg, probs = self.pnet(_normalise(level))
+                level = area_resize(chunk, (int(h * scale + 1), int(w * scale + 1)))
+                reg, probs = self.pnet(_normalise(level).to(self.device))
                 found, inds = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
                 pick = batched_nms(found[:, :4], found[:, 4], inds, 0.5)
                 boxes.append(found[pick].cpu())

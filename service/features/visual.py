@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -138,13 +140,13 @@ class VisualExtractor:
             f"side={o.short_side};minface={o.min_face_size};crop={o.crop_side};face={o.face}"
         )
 
-    def sampling(self, batch: int = 32) -> FrameSampling:
+    def sampling(self, batch: int = 16) -> FrameSampling:
         """Frames at ``short_side`` for detection, and at ``crop_side`` (gray, RGB for r3d18) for the crops."""
         o = self.options
         fmt = "rgb24" if self.r3d else "gray"
         return FrameSampling(o.frame_every, o.short_side, batch, crop_side=o.crop_side, crop_format=fmt)
 
-    def batch(self, batch_frames: int = 32) -> VisualBatch:
+    def batch(self, batch_frames: int = 16) -> VisualBatch:
         """A detection/embedding batch that several files (conversations) share; see :class:`VisualBatch`."""
         return VisualBatch(self, batch_frames)
 
@@ -193,12 +195,16 @@ class VisualBatch:
     """Face detection and embedding shared by the files of one batch (one conversation or many).
 
     Each file gets a :class:`VisualSession`, the frame sink of its ``decode_media`` call. Frames of all
-    sessions queue per frame size and MTCNN runs on ``batch_frames`` of them at a time (across files);
+    sessions queue per frame size and MTCNN runs on ``batch_frames`` of them at a time (across files),
+    on one worker thread while decoding goes on (at most two batches waiting: bounded memory);
     :meth:`finish` detects what is left, then embeds every chosen face of every session in one pass.
+    ``background=False`` detects in the caller's thread.
     """
 
-    def __init__(self, extractor: VisualExtractor, batch_frames: int = 32) -> None:
+    def __init__(self, extractor: VisualExtractor, batch_frames: int = 16, background: bool = True) -> None:
         self.extractor, self.batch_frames = extractor, batch_frames
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="merc-faces") if background else None
+        self.jobs: deque[Future] = deque()
         self.sessions: list[VisualSession] = []
         self.pending: dict[tuple[int, ...], list[PendingFrame]] = {}
         self.results: list[list[np.ndarray | None]] | None = None
@@ -218,15 +224,32 @@ class VisualBatch:
             queue.append(PendingFrame(session, frames[b], crop, windows, session.frame_count))
             session.frame_count += 1
         while len(queue) >= self.batch_frames:
-            self._detect(queue[: self.batch_frames])
+            self._submit(queue[: self.batch_frames])
             del queue[: self.batch_frames]
         if sum(len(q) for q in self.pending.values()) > 2 * self.batch_frames:
-            self.flush()
+            for key in list(self.pending):
+                self._submit(self.pending.pop(key))
+
+    def _submit(self, items: list[PendingFrame]) -> None:
+        if self.worker is None:
+            self._detect(items)
+            return
+        self.jobs.append(self.worker.submit(self._detect, items))
+        while len(self.jobs) > 2:
+            self.jobs.popleft().result()
 
     def flush(self) -> None:
-        """Detect every queued frame."""
+        """Detect every queued frame and wait for the worker (re-raises its errors)."""
         for key in list(self.pending):
-            self._detect(self.pending.pop(key))
+            self._submit(self.pending.pop(key))
+        while self.jobs:
+            self.jobs.popleft().result()
+
+    def close(self) -> None:
+        """Stop the worker thread (after :meth:`finish`, or to abandon the batch)."""
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
+            self.worker = None
 
     def _detect(self, items: list[PendingFrame]) -> None:
         if not items:
@@ -244,7 +267,10 @@ class VisualBatch:
     def finish(self) -> list[list[np.ndarray | None]]:
         """Per session, per window: the pooled (dim,) float32 feature, or None when no face was found."""
         if self.results is None:
-            self.flush()
+            try:
+                self.flush()
+            finally:
+                self.close()
             started = time.perf_counter()
             from service.features.speaker import choose_faces
 

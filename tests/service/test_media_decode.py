@@ -44,7 +44,8 @@ def test_frames_sampled_per_window_and_late_audio_padded(tmp_path: Path) -> None
     video = write_video(tmp_path / "v.mp4", seconds=2.0, fps=25, audio=tone(1.0), audio_start=1.0)
     batches: list[tuple[np.ndarray, list[list[int]]]] = []
     windows = [(0.0, 1.0), (0.5, 1.5), (1.97, 1.99)]
-    decoded = decode_media(video, windows, sink=lambda f, o, c: batches.append((f, o)), sampling=FrameSampling(every=10))
+    sink = lambda f, o, c: batches.append((f, o))  # noqa: E731
+    decoded = decode_media(video, windows, sink=sink, sampling=FrameSampling(every=10))
     # 25 frames in [0, 1) -> frames 0, 10, 20; [0.5, 1.5) holds 25 frames -> 3; (1.97, 1.99) holds none
     assert decoded.frames_per_window == [3, 3, 0]
     assert all(f.dtype == np.uint8 and f.shape[1:] == (120, 160, 3) for f, _ in batches)
@@ -52,6 +53,18 @@ def test_frames_sampled_per_window_and_late_audio_padded(tmp_path: Path) -> None
     audio = decoded.audio
     assert audio is not None and np.abs(audio[: int(0.8 * 16000)]).max() < 0.01  # silence before the late start
     assert np.abs(cut(audio, 1.3, 1.6)).max() > 0.2
+
+
+def test_crop_copies_come_at_crop_side_never_upscaled(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "v.mp4", seconds=0.5, size=(160, 120))
+    got: list[tuple[np.ndarray, np.ndarray]] = []
+    for side, fmt, shape in [(60, "gray", (120, 160)), (1000, "rgb24", (120, 160, 3))]:
+        got.clear()
+        sampling = FrameSampling(every=5, short_side=side, crop_side=side * 2, crop_format=fmt)
+        decode_media(video, [(0.0, None)], sink=lambda f, o, c: got.append((f, c)), sampling=sampling)
+        frames, crops = got[0]
+        assert frames.shape[1:] == ((60, 80, 3) if side == 60 else (120, 160, 3)) and crops.shape[1:] == shape
+        assert len(frames) == len(crops) == 3
 
 
 def test_video_without_audio_and_audio_only(tmp_path: Path) -> None:

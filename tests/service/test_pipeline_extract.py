@@ -10,8 +10,8 @@ import pytest
 
 from models.data import parse_conversation, read_jsonl
 from service.features.registry import make_spec
-from service.pipeline import MediaError, MediaInput, extract_features
-from tests.service.media_helpers import tone, write_video
+from service.pipeline import MediaError, MediaInput, extract_features, extract_features_many
+from tests.service.media_helpers import SHARED_MEDIA, tone, write_video
 from tests.service.test_cli import ROOT, merc
 
 AUDIO_SPEC = {"audio": make_spec("audio", "egemaps-v02")}
@@ -109,3 +109,21 @@ def test_merc_predict_text_bundle_on_video_reports_unused_modalities(tmp_path: P
     assert abs(sum(dist.values()) - 1) < 1e-4 and set(dist) == set(result["labels"])
     bad = merc("predict", str(tmp_path / "nothing.mp4"), "--bundle", "sdt-meld7")
     assert bad.returncode == 2 and "nothing.mp4: no such file" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_MEDIA.is_dir(), reason="../shared/media absent")
+def test_batch_of_conversations_equals_one_by_one() -> None:
+    spec = {**AUDIO_SPEC, "visual": make_spec("visual")}
+    convs = [parse_conversation(conversation(cid, n=2, seconds=1.2), cid) for cid in ("face", "noface")]
+    medias = [MediaInput(video=SHARED_MEDIA / "single_face.mp4"), MediaInput(video=SHARED_MEDIA / "no_face.mp4")]
+    batch, timings = extract_features_many(convs, spec, medias, "cpu")
+    assert timings["face_detection"] > 0
+    assert all(v is not None for v in batch[0]["visual"]) and batch[1]["visual"] == [None, None]
+    for conv, media, got in zip(convs, medias, batch, strict=True):
+        alone, _ = extract_features(conv, spec, media, "cpu")
+        for m in spec:
+            for a, b in zip(alone[m], got[m], strict=True):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
