@@ -12,7 +12,7 @@ Prints, for the default bundle:
 
 Run (about 5 minutes on 2 busy cores)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/api_cpu.py [--threads 1] [--n 50] [--model dmd-meld7]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/api_cpu.py [--threads 1] [--n 50] [--model NAME]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from service.settings import Settings
 from tests.api.conftest import Server
 
 WORDS = [
@@ -120,7 +121,7 @@ def concurrent_rps(load: Load, clients: int, total: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="dmd-meld7")
+    ap.add_argument("--model", default=None, help="bundle to time [the service default, MERC_DEFAULT_MODEL]")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of the server")
     ap.add_argument("--n", type=int, default=50, help="requests per latency figure")
     ap.add_argument("--clients", type=int, default=16)
@@ -128,6 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="merc-bench-"))
     (tmp / "data").mkdir()
+    args.model = args.model or Settings().default_model
     env = {"MERC_DEFAULT_MODEL": args.model, "MERC_TORCH_THREADS": str(args.threads), "OMP_NUM_THREADS": "1"}
     server = Server(tmp / "data", tmp / "cache", **env).start()
     proc = psutil.Process(server.proc.pid)
