@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(60.0, ge=0, description="largest ?wait accepted")
     max_attempts: int = Field(2, ge=1, description="a job interrupted this many times is marked failed")
     callback_timeout_s: float = Field(5.0, gt=0, description="timeout of the POST to callback_url")
+    callback_allow_private: bool = Field(
+        False, description="allow callback_url hosts on loopback, private or link-local addresses (trusted networks)"
+    )
 
     @field_validator("api_keys", "preload", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import numpy as np
 from models.common import MODALITIES
 from models.data import Conversation, parse_conversation
 from service import metrics
+from service.callbacks import callback_problem
 from service.predictor import FeatureLists, Predictor
 from service.settings import Settings, get_settings
 from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
@@ -243,7 +244,7 @@ def process_job(job_id: str, store: JobStore | None = None, settings: Settings |
         hook(job_id)
     job = store.get(job_id)
     if job and job.get("callback_url"):
-        args = (job["callback_url"], job, settings.callback_timeout_s)
+        args = (job["callback_url"], job, settings.callback_timeout_s, settings.callback_allow_private)
         threading.Thread(target=send_callback, args=args, name="merc-callback", daemon=True).start()
     return status
 
@@ -272,10 +273,17 @@ def _job_problem(e: Exception) -> dict[str, Any]:
     }
 
 
-def send_callback(url: str, job: dict[str, Any], timeout: float) -> None:
-    """POST the finished job to its callback URL (best effort: failures are logged and counted)."""
+def send_callback(url: str, job: dict[str, Any], timeout: float, allow_private: bool = False) -> None:
+    """POST the finished job to its callback URL (best effort: failures are logged and counted).
+
+    The host is checked again here (see service.callbacks): it may resolve differently now."""
     import httpx
 
+    reason = callback_problem(url, allow_private)
+    if reason:
+        log.warning("callback for job %s not sent: %s", job["id"], reason)
+        metrics.CALLBACKS.labels("refused").inc()
+        return
     body = {k: job[k] for k in ("id", "status", "model", "result", "error")}
     try:
         httpx.post(url, json=body, timeout=timeout).raise_for_status()

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from models.bundle import MANIFEST, BundleError
 from service.api.errors import Problem, validation_problem
 from service.api.schemas import ConversationIn, UtteranceIn
+from service.callbacks import callback_problem
 from service.predictor import Predictor
 from service.settings import Settings
 from service.store import JobStore
@@ -100,6 +101,15 @@ def check_features(utts: list[UtteranceIn], predictor: Predictor, where: str = "
             if entry is not None and entry["version"] == "inline" and len(vec) != int(entry["dim"]):
                 detail = f"{len(vec)} values; model {predictor.name!r} expects {entry['dim']}"
                 raise Problem(422, "feature-size", detail, field=f"{where}[{i}].features.{m}")
+
+
+def check_callback(url: object | None, settings: Settings) -> None:
+    """422 naming callback_url when the finished job may not be POSTed there (see service.callbacks)."""
+    if url is None:
+        return
+    reason = callback_problem(str(url), settings.callback_allow_private)
+    if reason:
+        raise Problem(422, "callback-not-allowed", reason, field="callback_url")
 
 
 def check_something_to_score(utts: list[UtteranceIn], has_media: bool, where: str = "utterances") -> None:

@@ -87,6 +87,8 @@ JSON_CASES = [
     ("nothing to score", utts({"speaker": "A"}, {"speaker": "B", "text": " "}), 422, "utterances"),
     ("unknown modality", utts({**U, "features": {"smell": [1.0]}}), 422, "utterances[0].features.smell"),
     ("bad callback url", {**GOOD, "callback_url": "not a url"}, 422, "callback_url"),
+    ("callback to loopback", {**GOOD, "callback_url": "http://127.0.0.1:6379/"}, 422, "callback_url"),
+    ("callback to cloud metadata", {**GOOD, "callback_url": "http://169.254.169.254/latest"}, 422, "callback_url"),
     (
         "inline features of the wrong size",
         {"model": "sdt-mosi2", **utts({"speaker": "A", "features": {"audio": [0.5] * 3}})},

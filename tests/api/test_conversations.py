@@ -18,7 +18,7 @@ OTHER = "dmd-meld7" if DEFAULT != "dmd-meld7" else "sdt-meld7"  # preloaded, not
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    return server_factory(MERC_PRELOAD=OTHER)
+    return server_factory(MERC_PRELOAD=OTHER, MERC_CALLBACK_ALLOW_PRIVATE="true")  # callbacks to 127.0.0.1
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,7 @@ async def _submit_json(request: Request, settings: Settings, store: JobStore) ->
     conv = parse_body(ConversationIn, await read_json_body(request, settings.max_transcript_kb * 1024))
     submit.check_utterances(conv.utterances, settings)
     predictor = submit.resolve_model(conv.model, settings)
+    await run_in_threadpool(submit.check_callback, conv.callback_url, settings)  # may resolve a host name
     submit.check_features(conv.utterances, predictor)
     submit.check_something_to_score(conv.utterances, has_media=False)
     return await run_in_threadpool(submit.create_job, store, conv, predictor, {}, {})
@@ -174,6 +175,7 @@ def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -
             except ValidationError as e:
                 raise validation_problem(e.errors()) from None
     predictor = submit.resolve_model(conv.model, settings)
+    submit.check_callback(conv.callback_url, settings)
     submit.check_features(conv.utterances, predictor, where)
     submit.check_something_to_score(conv.utterances, bool(media), where)
     return submit.create_job(store, conv, predictor, media, parts.files), media
