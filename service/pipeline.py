@@ -10,8 +10,9 @@ The same code path serves ``merc predict``, ``merc extract`` and the service's w
   and faces are detected (each stream is decoded once).
 * :func:`extract_features_many` does the same for several conversations as one batch: one text
   encoder call, one openSMILE pass over all cuts, face detection batched across files, one face-CNN pass.
-* :func:`run_conversation` adds the prediction and says per modality whether it was supplied, used,
-  and why not.
+* :func:`score` adds the prediction and says per modality whether it was supplied, used, and why
+  not (the result document of ``merc predict`` and of every job); :func:`run_conversation` is
+  extraction plus scoring for one local conversation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from models.common import MODALITIES
 from models.data import Conversation, DataError, inline_features
+from service.datasets import INLINE
 from service.features.registry import extractor_for
 from service.media.decode import MediaError, Window, cut, decode_media, open_media
 from service.predictor import Predictor, unusable_modalities
@@ -37,12 +39,13 @@ __all__ = [
     "MediaInput",
     "extract_features",
     "extract_features_many",
+    "modality_report",
     "run_conversation",
+    "score",
     "supplied_modalities",
 ]
 
 STAGES = ("decode", "text", "audio", "face_detection", "face_cnn")
-INLINE = "inline"
 Features = dict[str, list[np.ndarray | None]]
 
 
@@ -52,6 +55,7 @@ class MediaInput:
 
     video: Path | None = None
     audio: Path | None = None
+    video_has_audio: bool | None = None  # None: not probed yet (supplied_modalities opens the video)
 
     @property
     def audio_source(self) -> Path | None:
@@ -199,34 +203,74 @@ def extract_features(
     return outs[0], timings
 
 
-def supplied_modalities(conv: Conversation, media: MediaInput | None) -> dict[str, bool]:
-    """Whether the request carries each modality: text in any utterance, an audio / a video stream."""
-    streams = {"audio": False, "visual": False}
-    for path, kinds in ((media and media.video, ("audio", "visual")), (media and media.audio, ("audio",))):
-        if path:
-            with open_media(path) as container:
-                streams["audio"] |= "audio" in kinds and bool(container.streams.audio)
-                streams["visual"] |= "visual" in kinds and bool(container.streams.video)
-    return {"text": any(u.text and u.text.strip() for u in conv.utterances), **streams}
+def supplied_modalities(conv: Conversation, media: MediaInput | None) -> list[str]:
+    """Modalities the request brought: transcript text or inline vectors, an audio file or a video's sound, a video."""
+    has_sound = bool(media and media.audio)
+    if media and media.video and not has_sound:
+        has_sound = media.video_has_audio
+        if has_sound is None:
+            with open_media(media.video) as container:
+                has_sound = bool(container.streams.audio)
+    given = {
+        "text": any(u.text and u.text.strip() for u in conv.utterances),
+        "audio": has_sound,
+        "visual": bool(media and media.video),
+    }
+    return [m for m in MODALITIES if given[m] or any(m in u.features for u in conv.utterances)]
 
 
-def _modality_report(predictor: Predictor, supplied: dict[str, bool], features: Features) -> dict[str, dict]:
-    not_in_bundle = unusable_modalities(predictor, [m for m in MODALITIES if supplied[m]])
+ABSENT_REASONS = {
+    "text": "every text is empty",
+    "audio": "silent or too short in every utterance",
+    "visual": "no face found in any utterance",
+}
+
+
+def _inline_only_reason(predictor: Predictor, conv: Conversation, m: str) -> str | None:
+    """Why media cannot stand in for ``m`` when the bundle was trained on precomputed (inline) vectors."""
+    entry = predictor.feature_spec.get(m)
+    if entry is None or entry["version"] != INLINE or any(m in u.features for u in conv.utterances):
+        return None
+    return (
+        f"bundle {predictor.name!r} was trained on precomputed {entry['extractor']} {m} features "
+        f"({entry['dim']}-d), which the media extractors here do not produce; send them inline "
+        f"as utterances[].features.{m}"
+    )
+
+
+def modality_report(
+    predictor: Predictor, conv: Conversation, supplied: Sequence[str], utts: list[dict]
+) -> dict[str, dict]:
+    """Per modality: supplied by the request, used by the bundle for some utterance, and why not."""
+    not_in_bundle = unusable_modalities(predictor, supplied)
+    used = {m for u in utts for m in u["modalities"]}
     report = {}
     for m in MODALITIES:
-        used = m in predictor.modalities and any(v is not None for v in features.get(m, []))
-        if used:
-            reason = None
-        elif not supplied[m]:
-            reason = {"text": "no utterance has text", "audio": "no audio stream", "visual": "no video stream"}[m]
-        elif m in not_in_bundle:
+        reason = None
+        if m in not_in_bundle:
             reason = not_in_bundle[m]
-        else:
-            reason = {"text": "every text is empty", "audio": "silent or too short in every utterance"}.get(
-                m, "no face found in any utterance"
-            )
-        report[m] = {"supplied": supplied[m], "used": used, "reason": reason}
+        elif m in supplied and m not in used:
+            reason = _inline_only_reason(predictor, conv, m) or ABSENT_REASONS[m]
+        elif m not in supplied and m in predictor.modalities:
+            reason = "not supplied"
+        report[m] = {"supplied": m in supplied, "used": m in used, "reason": reason}
     return report
+
+
+def score(
+    predictor: Predictor, conv: Conversation, features: Features, supplied: Sequence[str], timings: dict[str, float]
+) -> dict[str, Any]:
+    """The result document of a conversation whose features are known (``timings`` gain "predict")."""
+    started = time.perf_counter()
+    utterances = predictor.predict(conv, features)
+    timings = {**timings, "predict": time.perf_counter() - started}
+    return {
+        "model": predictor.name,
+        "labels": list(predictor.labels),
+        "utterances": utterances,
+        "modalities": modality_report(predictor, conv, supplied, utterances),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+    }
 
 
 def run_conversation(
@@ -236,14 +280,6 @@ def run_conversation(
     started = time.perf_counter()
     supplied = supplied_modalities(conv, media)
     features, timings = extract_features(conv, predictor.feature_spec, media, device)
-    t0 = time.perf_counter()
-    utterances = predictor.predict(conv, features)
-    timings["fusion"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-    return {
-        "model": predictor.name,
-        "labels": list(predictor.labels),
-        "utterances": utterances,
-        "modalities": _modality_report(predictor, supplied, features),
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-    }
+    result = score(predictor, conv, features, supplied, timings)
+    result["timings"]["total"] = round(time.perf_counter() - started, 4)
+    return result

@@ -14,22 +14,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.common import MODALITIES
 from models.data import Conversation, parse_conversation
 from service import metrics
 from service.callbacks import callback_problem
+from service.datasets import INLINE
+from service.pipeline import MediaInput, extract_features, supplied_modalities
+from service.pipeline import score as pipeline_score
 from service.predictor import FeatureLists, Predictor
 from service.settings import Settings, get_settings
 from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 
 log = logging.getLogger("merc.worker")
-INLINE = "inline"
 
 _PREDICTORS: dict[str, Predictor] = {}
 _PREDICTOR_LOCK = threading.Lock()
@@ -81,100 +81,18 @@ def loaded_models() -> list[str]:
 # ---------------------------------------------------------------- features and scoring
 
 
-@dataclass
-class Media:
-    """Paths of a job's stored media (None when not supplied) and whether the video has sound."""
-
-    video: Path | None = None
-    audio: Path | None = None
-    video_has_audio: bool = False
-
-
-def supplied_modalities(conv: Conversation, media: Media) -> list[str]:
-    """Modalities the request brought: transcript text, media, or inline vectors."""
-    out = []
-    for m in MODALITIES:
-        inline = any(m in u.features for u in conv.utterances)
-        if m == "text":
-            given = inline or any(u.text and u.text.strip() for u in conv.utterances)
-        elif m == "audio":
-            given = inline or media.audio is not None or media.video_has_audio
-        else:
-            given = inline or media.video is not None
-        if given:
-            out.append(m)
-    return out
-
-
-def _extractable_spec(predictor: Predictor, conv: Conversation, media: Media) -> tuple[dict, dict[str, str]]:
-    """The part of the bundle's feature spec this service can satisfy, and reasons for the rest."""
-    spec, reasons = {}, {}
-    for m, entry in predictor.feature_spec.items():
-        media_given = (m == "audio" and (media.audio or media.video_has_audio)) or (m == "visual" and media.video)
-        inline_given = any(m in u.features for u in conv.utterances)
-        if entry["version"] == INLINE and media_given and not inline_given:
-            reasons[m] = (
-                f"bundle {predictor.name!r} was trained on precomputed {entry['extractor']} {m} features "
-                f"({entry['dim']}-d), which the media extractors here do not produce; send them inline "
-                f"as utterances[].features.{m}"
-            )
-        spec[m] = entry
-    return spec, reasons
-
-
-def extract(predictor: Predictor, conv: Conversation, media: Media, device: str) -> tuple[FeatureLists, dict]:
+def extract(predictor: Predictor, conv: Conversation, media: MediaInput, device: str) -> tuple[FeatureLists, dict]:
     """Features for ``conv`` per the bundle's spec, and seconds per stage."""
-    spec, _ = _extractable_spec(predictor, conv, media)
-    try:
-        from service import pipeline
-    except ImportError:
-        pipeline = None
-    if pipeline is not None and hasattr(pipeline, "extract_features"):
-        media_in = None
-        if media.video or media.audio:
-            media_in = pipeline.MediaInput(video=media.video, audio=media.audio)
-        return pipeline.extract_features(conv, spec, media_in, device=device)
-    from service.datasets import conversation_features
-
-    started = time.perf_counter()
-    text_only = {m: e for m, e in spec.items() if m == "text" or e["version"] == INLINE}
-    feats = conversation_features([conv], text_only, device=device, progress=False)[0]
-    return feats, {"features": time.perf_counter() - started}
+    return extract_features(conv, predictor.feature_spec, media if media.video or media.audio else None, device)
 
 
-def modality_report(predictor: Predictor, conv: Conversation, media: Media, utts: list[dict]) -> dict[str, dict]:
-    """Per modality: supplied by the request, used by the bundle for some utterance, and why not."""
-    supplied = supplied_modalities(conv, media)
-    _, spec_reasons = _extractable_spec(predictor, conv, media)
-    used = {m for u in utts for m in u["modalities"]}
-    report = {}
-    for m in MODALITIES:
-        reason = None
-        if m in supplied and m not in predictor.modalities:
-            reason = f"bundle {predictor.name!r} was trained on {'+'.join(predictor.modalities)} and does not use {m}"
-        elif m in supplied and m not in used:
-            reason = spec_reasons.get(m) or f"no utterance yielded usable {m} features"
-        elif m not in supplied and m in predictor.modalities:
-            reason = "not supplied"
-        report[m] = {"supplied": m in supplied, "used": m in used, "reason": reason}
-    return report
-
-
-def score(predictor: Predictor, conv: Conversation, features: FeatureLists, media: Media, timings: dict) -> dict:
-    """The result document of a conversation whose features are known."""
-    started = time.perf_counter()
-    utts = predictor.predict(conv, features)
-    timings = {**timings, "predict": time.perf_counter() - started}
-    for stage, seconds in timings.items():
+def score(predictor: Predictor, conv: Conversation, features: FeatureLists, media: MediaInput, timings: dict) -> dict:
+    """The result document (see service.pipeline.score); stage seconds go to the metrics."""
+    result = pipeline_score(predictor, conv, features, supplied_modalities(conv, media), timings)
+    for stage, seconds in result["timings"].items():
         if seconds > 0:  # stages that did not run this time (no media) are not observed
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-    return {
-        "model": predictor.name,
-        "labels": predictor.labels,
-        "utterances": utts,
-        "modalities": modality_report(predictor, conv, media, utts),
-        "timings": {k: round(v, 4) for k, v in timings.items()},
-    }
+    return result
 
 
 def save_features(path: Path, features: FeatureLists, n: int) -> None:
@@ -202,7 +120,7 @@ def load_features(path: Path) -> FeatureLists:
 # ---------------------------------------------------------------- jobs
 
 
-def read_request(job_dir: Path) -> tuple[dict[str, Any], Conversation, Media]:
+def read_request(job_dir: Path) -> tuple[dict[str, Any], Conversation, MediaInput]:
     """The stored request, its conversation, and its media paths."""
     try:
         request = json.loads((job_dir / "request.json").read_text())
@@ -210,7 +128,7 @@ def read_request(job_dir: Path) -> tuple[dict[str, Any], Conversation, Media]:
         raise JobInputError(f"job inputs are missing or unreadable ({e})") from None
     conv = parse_conversation(request["conversation"], "transcript")
     desc = request.get("media") or {}
-    media = Media(
+    media = MediaInput(
         video=job_dir / desc["video"]["file"] if "video" in desc else None,
         audio=job_dir / desc["audio"]["file"] if "audio" in desc else None,
         video_has_audio=bool(desc.get("video", {}).get("has_audio")),
@@ -310,7 +228,7 @@ def append_utterances(store: JobStore, job_id: str, new: Conversation, settings:
         request, conv, media = read_request(job_dir)
         predictor = get_predictor(job["model"], settings)
         old = load_features(job_dir / "features.npz")
-        fresh, timings = extract(predictor, new, Media(), settings.device)
+        fresh, timings = extract(predictor, new, MediaInput(), settings.device)
         n_old, n_new = len(conv.utterances), len(new.utterances)
         features = {m: old.get(m, [None] * n_old) + fresh.get(m, [None] * n_new) for m in predictor.modalities}
         conv.utterances.extend(new.utterances)
