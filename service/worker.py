@@ -23,6 +23,7 @@ from models.data import Conversation, parse_conversation
 from service import metrics
 from service.callbacks import callback_problem
 from service.datasets import INLINE
+from service.features.registry import extractor_for
 from service.pipeline import MediaInput, extract_features, supplied_modalities
 from service.pipeline import score as pipeline_score
 from service.predictor import FeatureLists, Predictor
@@ -56,14 +57,6 @@ def warm_up(predictor: Predictor, settings: Settings) -> None:
     """Load the extractors a bundle's feature spec names now, not on the first request."""
     for m, entry in predictor.feature_spec.items():
         if entry["version"] == INLINE:
-            continue
-        try:
-            from service.features.registry import extractor_for
-        except ImportError:  # text-only install: the text encoder alone
-            from service.features.text import get_text_encoder
-
-            if m == "text":
-                get_text_encoder(entry["extractor"], device=settings.device).load()
             continue
         try:
             extractor = extractor_for(m, entry, settings.device)
