@@ -60,7 +60,8 @@ def conversation_features(
             for i, conv in enumerate(convs):
                 out[i][m] = inline_features(conv, m)
         elif m == "text":
-            _text_features(convs, entry, device, progress, out)
+            for conv_out, vectors in zip(out, text_vectors(convs, entry, device, progress), strict=True):
+                conv_out["text"] = vectors
         elif any(m in u.features for conv in convs for u in conv.utterances):
             for i, conv in enumerate(convs):  # vectors merc extract stored for this spec
                 out[i][m] = inline_features(conv, m)
@@ -72,22 +73,22 @@ def conversation_features(
     return out
 
 
-def _text_features(convs, entry, device, progress, out) -> None:
-    from service.features.text import get_text_encoder
+def text_vectors(
+    convs: Sequence[Conversation], entry: dict[str, Any], device: str = "auto", progress: bool = False
+) -> list[list[np.ndarray | None]]:
+    """Text vectors (D,) or None of every utterance of ``convs``, one batched encoder call, split per
+    conversation. DataError when this host's encoder differs from ``entry`` (version or dimension)."""
+    from service.features.registry import extractor_for
 
-    encoder = get_text_encoder(entry["extractor"], device=device)
-    if encoder.spec.version != entry["version"] or encoder.spec.dim != int(entry["dim"]):
-        raise DataError(
-            f"text encoder {entry['extractor']!r} here is {encoder.spec.version} ({encoder.spec.dim}-d); "
-            f"the bundle expects {entry['version']} ({entry['dim']}-d)"
-        )
+    encoder = extractor_for("text", entry, device)
     texts = [u.text for conv in convs for u in conv.utterances]
     vectors, present = encoder.encode_with_mask(texts, show_progress=None if progress else False)
-    k = 0
-    for i, conv in enumerate(convs):
+    out, k = [], 0
+    for conv in convs:
         n = len(conv.utterances)
-        out[i]["text"] = [vectors[j] if present[j] else None for j in range(k, k + n)]
+        out.append([vectors[j] if present[j] else None for j in range(k, k + n)])
         k += n
+    return out
 
 
 def encode_dataset(

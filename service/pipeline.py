@@ -28,7 +28,7 @@ import numpy as np
 
 from models.common import MODALITIES
 from models.data import Conversation, DataError, inline_features
-from service.datasets import INLINE
+from service.datasets import INLINE, text_vectors
 from service.features.registry import extractor_for
 from service.media.decode import MediaError, Window, cut, decode_media, open_media
 from service.predictor import Predictor, unusable_modalities
@@ -72,23 +72,6 @@ def utterance_windows(conv: Conversation) -> list[Window]:
             raise DataError(f"{conv.id}.utterances[{i}] ({u.id}): start and end (seconds) are needed to cut media")
         windows.append((u.start, u.end))
     return windows
-
-
-def _text(convs: Sequence[Conversation], entry: dict[str, Any], device: str) -> list[list[np.ndarray | None]]:
-    """Text vectors of every utterance of ``convs``, encoded in one batched call, split per conversation."""
-    encoder = extractor_for("text", entry, device)
-    texts = [u.text for conv in convs for u in conv.utterances]
-    vectors, present = encoder.encode_with_mask(texts, show_progress=False)
-    flat = [vec if ok else None for vec, ok in zip(vectors, present, strict=True)]
-    return _split(flat, [len(conv.utterances) for conv in convs])
-
-
-def _split(flat: list, sizes: list[int]) -> list[list]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(flat[start : start + n])
-        start += n
-    return out
 
 
 def _audio_job(jobs: list[tuple[int, Path, list[Window]]], entry, device, outs: list[Features], timings, errors):
@@ -179,7 +162,7 @@ def extract_features_many(
             out[m] = inline_features(conv, m)
     if "text" in computed:
         started = time.perf_counter()
-        for out, vectors in zip(outs, _text(convs, computed["text"], device), strict=True):
+        for out, vectors in zip(outs, text_vectors(convs, computed["text"], device), strict=True):
             out["text"] = vectors
         timings["text"] = time.perf_counter() - started
     media_spec = {m: e for m, e in computed.items() if m in ("audio", "visual")}
