@@ -74,19 +74,6 @@ class Predictor:
             )
         return out
 
-    def describe(self) -> dict[str, Any]:
-        """What GET /v1/models shows for this bundle."""
-        m = self.manifest
-        return {
-            "name": self.name,
-            "architecture": m["architecture"],
-            "labels": self.labels,
-            "modalities": self.modalities,
-            "feature_spec": self.feature_spec,
-            "dev_metrics": {k: m.get("dev_metrics", {}).get(k) for k in ("accuracy", "weighted_f1", "macro_f1")},
-            "dataset": m.get("dataset", {}).get("name"),
-        }
-
 
 def unusable_modalities(predictor: Predictor, supplied: Sequence[str]) -> dict[str, str]:
     """For modalities a request supplied that the bundle cannot use: modality -> reason."""
