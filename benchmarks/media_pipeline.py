@@ -15,6 +15,11 @@ time to other load on the machine, whose 1-minute load average is printed with e
 * naive: per utterance, ffmpeg cuts a WAV and dumps every 10th frame as PNG, openSMILE reads the WAV
   file, MTCNN runs frame by frame, the face CNN face by face, the text encoder sentence by sentence.
 
+Both make the face and voice readings (service/readings.py) at equal work: ours in the same passes
+(the voice reading reuses the compare2016 functionals, the face reading the face CNN's class scores of
+the chosen faces); naive with a second call of the face CNN's classifier per face and the voice model on
+the functionals openSMILE wrote for each WAV (normalised per speaker over the conversation at the end).
+
 ``--batch 10`` also times 10 copies of the conversation as one batch (``extract_features_many``:
 one text call, one openSMILE pass, face detection batched across the files); ``--long`` builds a
 10-minute 720p video (ffmpeg, cached under $TMPDIR) and prints the peak resident memory of extracting
@@ -50,8 +55,10 @@ import torch  # noqa: E402
 
 from models.data import Conversation, Utterance  # noqa: E402
 from service.features.registry import extractor_for, make_spec  # noqa: E402
-from service.features.visual import aligned_crop  # noqa: E402
-from service.pipeline import MediaInput, extract_features_many  # noqa: E402
+from service.features.visual import FaceObs, aligned_crop  # noqa: E402
+from service.pipeline import STAGES, MediaInput, extract_features_many  # noqa: E402
+
+STAGE_NAMES = STAGES  # decode, text, audio, face_detection, face_cnn, readings
 
 VIDEO = ROOT.parent / "shared" / "media" / "WolfgangLanger_Pexels.mp4"
 SENTENCES = ["Hi there, how are you?", "I am so happy today!", "Really? Why?", "I got the job.",
@@ -75,9 +82,10 @@ def cpu_seconds() -> float:
 
 
 def ours(convs: list[Conversation], video: Path, feature_spec: dict) -> dict[str, float]:
-    """One :func:`extract_features_many` call over ``convs`` (each with ``video``)."""
+    """One :func:`extract_features_many` call over ``convs`` (each with ``video``), readings included."""
     started, cpu = time.perf_counter(), cpu_seconds()
-    _, timings = extract_features_many(convs, feature_spec, [MediaInput(video=video)] * len(convs), "cpu")
+    outs, timings = extract_features_many(convs, feature_spec, [MediaInput(video=video)] * len(convs), "cpu")
+    assert all(fs.readings is not None for fs in outs)  # readings made in the same passes
     timings["total"] = time.perf_counter() - started
     timings["cpu"] = cpu_seconds() - cpu
     return timings
@@ -90,8 +98,13 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
     text = extractor_for("text", feature_spec["text"], "cpu")
     audio = extractor_for("audio", feature_spec["audio"], "cpu")
     visual = extractor_for("visual", feature_spec["visual"], "cpu")
-    t = dict.fromkeys(("decode", "text", "audio", "face_detection", "face_cnn"), 0.0)
+    from service.features.voice_reading import load_voice_model
+    from service.readings import face_readings, voice_readings
+
+    voice = load_voice_model()
+    t = dict.fromkeys(STAGE_NAMES, 0.0)
     started, cpu = time.perf_counter(), cpu_seconds()
+    vectors, speech, faces = [], [], []
     for i, u in enumerate(conv.utterances):
         wav, frames = work / f"u{i}.wav", work / f"u{i}"
         frames.mkdir(exist_ok=True)
@@ -102,7 +115,7 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
         select = f"select=not(mod(n\\,{every})),scale=-2:{visual.options.short_side}"
         subprocess.run([*cut, "-an", "-vf", select, "-vsync", "vfr", str(frames / "f%04d.png")], check=True)
         t1 = time.perf_counter()
-        audio.smile.process_file(str(wav))
+        vectors.append(audio.smile.process_file(str(wav)).to_numpy(np.float32).reshape(-1))
         t2 = time.perf_counter()
         text.encode([u.text], show_progress=False)
         t3 = time.perf_counter()
@@ -115,15 +128,23 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
             if boxes is not None:
                 k = int(np.argmax(probs))
                 crops.append(aligned_crop(Image.fromarray(frame).convert("L"), boxes[k], marks[k], 48))
+        chosen = []
         with torch.inference_mode():
-            for crop in crops:  # the face CNN face by face
-                visual.cnn(torch.from_numpy(crop[None, None].astype(np.float32) / 255.0))
+            for crop in crops:  # the face CNN face by face, then its classifier for the face reading
+                hidden, _ = visual.cnn(torch.from_numpy(crop[None, None].astype(np.float32) / 255.0))
+                chosen.append(FaceObs(0, (0.5, 0.5), 0.0, 1.0, crop))
+                chosen[-1].expression = torch.softmax(visual.cnn.expression_logits(hidden), 1).numpy()[0]
         t4 = time.perf_counter()
+        faces.append(face_readings([chosen], [len(crops)])[0])
+        speech.append(u.end - u.start)
         t["decode"] += t1 - t0
         t["audio"] += t2 - t1
         t["text"] += t3 - t2
         t["face_detection"] += detection
         t["face_cnn"] += t4 - t3 - detection
+    t5 = time.perf_counter()
+    voice_readings(voice, vectors, [u.speaker for u in conv.utterances], speech)
+    t["readings"] = time.perf_counter() - t5
     t["total"] = time.perf_counter() - started
     t["cpu"] = cpu_seconds() - cpu
     return t
@@ -132,7 +153,7 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
 def report(name: str, runs: list[dict[str, float]], media_seconds: float) -> dict[str, float]:
     """Print the medians of ``runs`` (wall seconds per stage, total, RTF, CPU seconds) and return them."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    stages = " ".join(f"{k}={med[k]:.3f}" for k in ("decode", "text", "audio", "face_detection", "face_cnn"))
+    stages = " ".join(f"{k}={med[k]:.3f}" for k in STAGE_NAMES)
     rtf = med["total"] / media_seconds
     print(
         f"{name:<28} total={med['total']:.3f}s RTF={rtf:.3f} cpu={med['cpu']:.2f}s load={os.getloadavg()[0]:.2f}"

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the project: accuracy, weighted / macro F1, per-class F1, confusion.
+"""Evaluation metrics of the project: accuracy, weighted / macro F1, UAR (macro recall), per-class F1, confusion.
 
 Pure numpy / scikit-learn (no torch). All scores are percentages (0-100) rounded to
 two decimals, as the papers report them. Weighted F1 (support-weighted over classes)
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 IGNORE_INDEX = -100
 """Targets equal to this (padding, unlabelled utterances) are dropped before scoring."""
@@ -55,7 +55,9 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[str]) -> d
 
     Returns:
         ``{"accuracy", "weighted_f1", "macro_f1"}``: percentages rounded to 2 decimals;
-        ``"per_class_f1"``: ``{label: percent}``; ``"support"``: ``{label: gold count}``;
+        ``"uar"``: unweighted average recall (macro recall over all C classes, the speech-emotion
+        headline metric); ``"per_class_f1"``, ``"per_class_recall"``: ``{label: percent}``;
+        ``"support"``: ``{label: gold count}``;
         ``"confusion_matrix"``: C x C list of lists of counts, rows = gold, columns =
         predicted, in ``labels`` order; ``"n"``: number of scored utterances;
         ``"labels"``: the label names.
@@ -83,13 +85,16 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[str]) -> d
 
     class_ids = list(range(n_classes))
     per_class = f1_score(true, pred, labels=class_ids, average=None, zero_division=0)
+    recall = recall_score(true, pred, labels=class_ids, average=None, zero_division=0)
     cm = confusion_matrix(true, pred, labels=class_ids)
     support = np.bincount(true, minlength=n_classes)
     return {
         "accuracy": _pct(accuracy_score(true, pred)),
         "weighted_f1": _pct(f1_score(true, pred, labels=class_ids, average="weighted", zero_division=0)),
         "macro_f1": _pct(f1_score(true, pred, labels=class_ids, average="macro", zero_division=0)),
+        "uar": _pct(float(np.mean(recall))),
         "per_class_f1": {name: _pct(value) for name, value in zip(labels, per_class, strict=True)},
+        "per_class_recall": {name: _pct(value) for name, value in zip(labels, recall, strict=True)},
         "support": {name: int(count) for name, count in zip(labels, support, strict=True)},
         "confusion_matrix": cm.astype(int).tolist(),
         "n": int(true.size),

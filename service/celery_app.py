@@ -44,8 +44,16 @@ def get_queue_settings() -> QueueSettings:
     return QueueSettings()
 
 
-def celery_config(qs: QueueSettings) -> dict[str, Any]:
-    """One worker process per GPU: solo pool, one message at a time, acknowledged after the job."""
+def celery_config(qs: QueueSettings, job_timeout_s: float | None = None) -> dict[str, Any]:
+    """One worker process per GPU: solo pool, one message at a time, acknowledged after the job.
+
+    Jobs are stopped at ``job_timeout_s`` by the worker's own supervision (service.sandbox);
+    Celery's soft and hard time limits sit a little above it as a backstop (pools that enforce them).
+    """
+    if job_timeout_s is None:
+        from service.settings import get_settings
+
+        job_timeout_s = get_settings().job_timeout_s
     restore_every = max(1.0, min(10.0, qs.visibility_timeout_s / 5))
     transport = {
         "visibility_timeout": qs.visibility_timeout_s,
@@ -71,6 +79,8 @@ def celery_config(qs: QueueSettings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": qs.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
+        "task_soft_time_limit": job_timeout_s + 30,
+        "task_time_limit": job_timeout_s + 60,
     }
 
 

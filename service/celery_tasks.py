@@ -3,9 +3,12 @@
 The task wraps ``service.worker.process_job``, the same job code as the in-process worker
 of ``merc serve``. Around it, this module adds what a fleet of processes needs:
 
-* models are loaded once the worker is up (``worker_ready`` for the solo pool, or
-  ``worker_process_init`` in a prefork child), never before a fork, so CUDA is never forked;
-* a heartbeat thread marks the worker alive in Redis and deletes expired jobs;
+* jobs run in a killable inference child (``service.sandbox``): models are loaded there once the
+  worker is up (``worker_process_init``), never in a forked process, so CUDA is never forked;
+  a job past ``MERC_JOB_TIMEOUT_S`` is stopped, fails with a reason, and the next job runs
+  (Celery's own soft/hard limits are a backstop a little above it);
+* a heartbeat thread marks the worker alive in Redis; retention sweeps (one process per
+  interval, see ``service.retention``) and callback delivery (``service.callbacks``) run here too;
 * a redelivered message whose job is still ``running`` means the worker running it died:
   the job is requeued, or failed with a reason after ``MERC_MAX_ATTEMPTS`` attempts;
 * job-level Prometheus metrics on ``MERC_WORKER_METRICS_PORT``; JSON logs with the job id.
@@ -24,14 +27,16 @@ from celery import signals
 from prometheus_client import Counter, Gauge, start_http_server
 
 from service import metrics
+from service.callbacks import Deliverer
 from service.celery_app import app, get_queue_settings, open_store, redispatch_stranded
 from service.gpu import pick_device, renew_slot
 from service.logging import job_context, setup_logging
 from service.redis_store import RedisJobStore
-from service.retention import sweep_expired
+from service.retention import sweep_round
+from service.sandbox import ChildRunner
 from service.settings import Settings, get_settings
 from service.store import FAILED, QUEUED, RUNNING
-from service.worker import get_predictor, loaded_models, process_job, warm_up
+from service.worker import CALLBACK_HOOKS, process_job
 
 log = logging.getLogger("merc.celery")
 
@@ -42,7 +47,7 @@ DELIVERIES = Counter(
 )
 LOST = Counter("merc_worker_lost_jobs_total", "Jobs found abandoned by a dead worker", registry=metrics.REGISTRY)
 
-_STATE: dict[str, Any] = {"store": None, "name": "", "gpu": None}
+_STATE: dict[str, Any] = {"store": None, "name": "", "gpu": None, "runner": None}
 
 
 class StillRunning(Exception):
@@ -105,7 +110,7 @@ def handle(job_id: str, me: str, settings: Settings, jobs: RedisJobStore | None 
     started = time.perf_counter()
     try:
         jobs.worker_name = me
-        final = process_job(job_id, jobs, settings)
+        final = process_job(job_id, jobs, settings, _STATE["runner"])
     finally:
         BUSY.set(0)
     log.info("job %s in %.3f s", final, time.perf_counter() - started, extra={"status": final, "worker": me})
@@ -138,21 +143,16 @@ def start_worker(name: str) -> None:
     """Metrics endpoint, heartbeat thread, then the models (slow: the worker is ready after)."""
     qs, settings = get_queue_settings(), get_settings()
     _STATE["name"] = name or qs.worker_name or f"merc@{socket.gethostname()}"
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
     if qs.worker_metrics_port:
         start_http_server(qs.worker_metrics_port, registry=metrics.REGISTRY)
     settings.device, _STATE["gpu"] = pick_device(settings.device, store().redis, _STATE["name"], 3 * qs.heartbeat_s)
     threading.Thread(target=_heartbeat, args=(_STATE["name"],), name="merc-heartbeat", daemon=True).start()
-    for name_ in dict.fromkeys([settings.default_model, *settings.preload]):
-        try:
-            warm_up(get_predictor(name_, settings), settings)
-        except Exception:  # a missing bundle fails its jobs, with the reason, not the worker
-            log.exception("could not load bundle %s", name_)
-    metrics.MODELS_LOADED.set(len(loaded_models()))
-    extra = {"models": loaded_models(), "device": settings.device}
+    deliverer = Deliverer(store(), settings.callback_timeout_s, settings.callback_allow_private).start()
+    CALLBACK_HOOKS.append(deliverer.notify)
+    runner = _STATE["runner"] = ChildRunner(settings)
+    models = runner.preload()  # in the inference child; the worker process itself never loads torch
+    metrics.MODELS_LOADED.set(len(models))
+    extra = {"models": models, "device": settings.device}
     log.info("worker %s loaded its models", _STATE["name"], extra=extra)
 
 
@@ -173,7 +173,7 @@ def _heartbeat(name: str) -> None:
                 log.warning("lost the claim on GPU %s (Redis was away longer than the TTL)", _STATE["gpu"])
             if time.monotonic() - last_sweep >= qs.sweep_interval_s:
                 last_sweep = time.monotonic()
-                sweep_expired(store(), qs.retention_s)
+                sweep_round(store(), qs.retention_s, qs.sweep_interval_s)
                 redispatch_stranded(store())
         except Exception:  # Redis away for a moment: try again next beat
             log.warning("heartbeat failed", exc_info=True)

@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
-from models.bundle import BundleError
-from models.data import DataError
+# models.bundle.BundleError and models.data.DataError subclass ValueError; importing them here would load
+# torch in every command, `merc serve` included (whose API process must not map libtorch: issue 12)
+BundleError = DataError = ValueError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multimodal emotion recognition in conversations.")
 
@@ -32,9 +33,18 @@ def train(
     data: Annotated[Path, typer.Option(help="dataset folder: dataset.json, train.jsonl, dev.jsonl")],
     out: Annotated[Path | None, typer.Option(help="bundle folder [weights/ARCH-DATASET]")] = None,
     modalities: Annotated[str | None, typer.Option(help="e.g. text,audio,visual [inline ones, else text]")] = None,
-    text_encoder: Annotated[str | None, typer.Option(help="minilm-l6-v2, mpnet-base-v2, a HF id or path")] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(
+            help="minilm-l6-v2, mpnet-base-v2, a HF id or path (frozen); finetune:BASE fine-tunes BASE with context "
+            "windows first (options: --set finetune.NAME=V, e.g. past, future, epochs, lr); or a fine-tuned "
+            "extractor folder from merc finetune-text"
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with 'model:' and 'train:' sections")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="model.NAME=V or train.NAME=V (repeatable)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model.NAME=V, train.NAME=V or finetune.NAME=V (repeatable)")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1")] = None,
     missing: Annotated[str | None, typer.Option(help="none, fixed:0.3, random[:0.7], progressive[:0.1:10]")] = None,
@@ -43,6 +53,12 @@ def train(
     batch_size: Annotated[int | None, typer.Option()] = None,
     patience: Annotated[int | None, typer.Option()] = None,
     dtype: Annotated[str, typer.Option(help="weights dtype: float16 or float32")] = "float16",
+    speaker_norm: Annotated[
+        str | None, typer.Option(help="modalities z-normalised per speaker in each conversation, e.g. audio")
+    ] = None,
+    norm_shrink: Annotated[
+        float, typer.Option(help="speaker-norm: pseudo-utterances of training statistics (few-utterance speakers)")
+    ] = 4.0,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Train an architecture on a dataset folder and write a bundle."""
@@ -67,6 +83,9 @@ def train(
             dtype=dtype,
             progress=not quiet,
             command="merc " + shlex.join(sys.argv[1:]),
+            speaker_norm=_csv(speaker_norm),
+            norm_shrink=norm_shrink,
+            finetune_overrides=conf["finetune"],
         )
     except (DataError, BundleError, ValueError, OSError) as e:
         _fail(str(e))
@@ -96,6 +115,60 @@ def evaluate(
         _fail(str(e))
     typer.echo(f"report: {out / 'report.md'}")
     typer.echo(json.dumps(metrics))
+
+
+@app.command("finetune-text")
+def finetune_text_cmd(
+    data: Annotated[Path, typer.Option(help="dataset folder: dataset.json, train.jsonl, dev.jsonl")],
+    base: Annotated[str, typer.Option(help="minilm-l6-v2, mpnet-base-v2, a HF id or a local path")] = "minilm-l6-v2",
+    out: Annotated[Path | None, typer.Option(help="extractor folder [weights/text/DATASET-BASE]")] = None,
+    past: Annotated[int, typer.Option(help="previous turns in each utterance's input")] = 2,
+    future: Annotated[int, typer.Option(help="following turns (only where the whole conversation is known)")] = 0,
+    speaker: Annotated[bool, typer.Option(help="prefix turns with 'Speaker: '")] = True,
+    max_length: Annotated[int, typer.Option(help="tokens per input (the context is truncated first)")] = 96,
+    pooling: Annotated[str, typer.Option(help="target-mean or cls")] = "target-mean",
+    adapter: Annotated[str, typer.Option(help="lora (small, over the packaged weights) or full")] = "lora",
+    lora_r: Annotated[int, typer.Option()] = 16,
+    lora_layers: Annotated[int | None, typer.Option(help="adapters on the top N layers only [all]")] = None,
+    epochs: Annotated[int, typer.Option()] = 3,
+    lr: Annotated[float, typer.Option(help="encoder (adapter) learning rate")] = 5e-4,
+    head_lr: Annotated[float, typer.Option()] = 2e-3,
+    batch_size: Annotated[int, typer.Option()] = 16,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    patience: Annotated[int, typer.Option(help="dev evaluations without improvement before stopping")] = 2,
+    evals_per_epoch: Annotated[int, typer.Option()] = 1,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimiser steps")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda (mixed precision on CUDA)")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Fine-tune a text encoder (LoRA) with context windows on a dataset folder: a reusable text extractor."""
+    from models.text_finetune import FineTuneConfig
+    from service.text_finetuning import finetune_text, window_from_options
+
+    try:
+        cfg = FineTuneConfig(
+            window=window_from_options(past, future, speaker, max_length),
+            pooling=pooling,
+            adapter=adapter,
+            lora_r=lora_r,
+            lora_alpha=2 * lora_r,
+            lora_layers=lora_layers,
+            lr=lr,
+            head_lr=head_lr,
+            epochs=epochs,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            patience=patience,
+            evals_per_epoch=evals_per_epoch,
+            max_steps=max_steps,
+            seed=seed,
+        )
+        out = out or Path("weights") / "text" / f"{data.name}-{base.replace('/', '_')}"
+        meta = finetune_text(data, base, out, cfg, device, not quiet, "merc " + shlex.join(sys.argv[1:]))
+    except (DataError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"extractor": str(out), "best_dev": meta["best_dev"], "sha256": meta["sha256"]}))
 
 
 @app.command("import-meld")
@@ -155,19 +228,29 @@ def extract(
     face: Annotated[str, typer.Option(help="confident or speaker (active speaker among several faces)")] = "confident",
     r3d_weights: Annotated[Path | None, typer.Option(help="r3d_18 state dict for mtcnn-r3d18")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
+    bundle: Annotated[
+        Path | None, typer.Option(help="extract exactly the media features this bundle's feature spec names")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Extract audio/visual features from media for a dataset; resumable; bad files are logged and skipped."""
-    from service.extraction import extract_dataset
+    """Extract audio/visual features from media for a dataset; resumable; bad files are logged and skipped.
+
+    With --bundle the extractors, versions and options come from the bundle's manifest (the way to
+    evaluate a bundle on new media: extract, then `merc evaluate --bundle B --data OUT/dev.jsonl`).
+    """
+    from service.extraction import bundle_media_spec, extract_dataset
     from service.features.registry import make_spec
 
     try:
-        chosen = _csv(modalities) or []
-        unknown = set(chosen) - {"audio", "visual"}
-        if unknown:
-            raise ValueError(f"--modalities: {sorted(unknown)} are not media modalities (audio, visual)")
-        options = {"frame_every": frame_every, "face": face, "weights": str(r3d_weights) if r3d_weights else None}
-        spec = {m: make_spec(m, audio if m == "audio" else visual, None if m == "audio" else options) for m in chosen}
+        if bundle is not None:
+            spec = bundle_media_spec(bundle)
+        else:
+            chosen = _csv(modalities) or []
+            unknown = set(chosen) - {"audio", "visual"}
+            if unknown:
+                raise ValueError(f"--modalities: {sorted(unknown)} are not media modalities (audio, visual)")
+            opts = {"frame_every": frame_every, "face": face, "weights": str(r3d_weights) if r3d_weights else None}
+            spec = {m: make_spec(m, audio if m == "audio" else visual, None if m == "audio" else opts) for m in chosen}
         summary = extract_dataset(data, media, out, spec, device, not quiet)
     except (DataError, ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
@@ -175,7 +258,7 @@ def extract(
 
 
 def _read_transcript(path: Path):
-    from models.data import parse_conversation
+    from models.data import DataError, parse_conversation
 
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -189,12 +272,18 @@ def _read_transcript(path: Path):
 @app.command()
 def predict(
     file: Annotated[Path, typer.Argument(help="a video or audio file, or a transcript .json (text only)")],
-    transcript: Annotated[Path | None, typer.Option(help="JSON conversation (utterances with start/end)")] = None,
+    transcript: Annotated[
+        Path | None,
+        typer.Option(help="JSON conversation (utterances with start/end); omitted: speech recognition makes one"),
+    ] = None,
     bundle: Annotated[str, typer.Option(help="bundle name in weights/ or a bundle folder")] = "sdt-meld7",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
-    """Predict one local conversation; per-utterance distributions as JSON on stdout."""
-    from models.data import Conversation, Utterance
+    """Predict one local conversation; per-utterance distributions as JSON on stdout.
+
+    Media without --transcript is transcribed offline (Whisper tiny.en, speakers clustered); the
+    result's "transcript" says so and how confident it is. A supplied transcript always wins.
+    """
     from service.extraction import media_input
     from service.pipeline import run_conversation
     from service.predictor import Predictor
@@ -203,10 +292,9 @@ def predict(
         if file.suffix.lower() in (".json", ".jsonl"):
             conv, media = _read_transcript(file), None
         else:
-            whole = Conversation(file.stem, [Utterance("utt0", "speaker")])  # no transcript: one utterance
-            conv = _read_transcript(transcript) if transcript else whole
+            conv = _read_transcript(transcript) if transcript else None  # None: transcribe the media
             media = media_input(file)
-        result = run_conversation(Predictor(bundle, device), conv, media, device)
+        result = run_conversation(Predictor(bundle, device), conv, media, device, conv_id=file.stem)
     except (DataError, BundleError, ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2))

@@ -74,14 +74,31 @@ def conversation_features(
 
 
 def text_vectors(
-    convs: Sequence[Conversation], entry: dict[str, Any], device: str = "auto", progress: bool = False
+    convs: Sequence[Conversation],
+    entry: dict[str, Any],
+    device: str = "auto",
+    progress: bool = False,
+    first: Sequence[int] | None = None,
+    future_known: bool = True,
 ) -> list[list[np.ndarray | None]]:
     """Text vectors (D,) or None of every utterance of ``convs``, one batched encoder call, split per
-    conversation. DataError when this host's encoder differs from ``entry`` (version or dimension)."""
+    conversation. DataError when this host's encoder differs from ``entry`` (version or dimension).
+
+    A fine-tuned entry (service/features/finetuned.py) encodes each utterance with its context window
+    (``future_known`` False: no later turns); ``first[i]`` > 0 leaves utterances before it None (they
+    are context only)."""
+    from service.features.finetuned import get_finetuned_encoder, is_finetuned
+
+    if is_finetuned(entry):
+        from models.train import resolve_device
+
+        ft = get_finetuned_encoder(entry, None, str(resolve_device(device)))
+        return ft.conversation_vectors(convs, future_known=future_known, first=first)
     from service.features.registry import extractor_for
 
     encoder = extractor_for("text", entry, device)
-    texts = [u.text for conv in convs for u in conv.utterances]
+    starts = list(first) if first is not None else [0] * len(convs)
+    texts = [u.text if j >= starts[i] else None for i, conv in enumerate(convs) for j, u in enumerate(conv.utterances)]
     vectors, present = encoder.encode_with_mask(texts, show_progress=None if progress else False)
     out, k = [], 0
     for conv in convs:

@@ -13,6 +13,8 @@ from models.metrics import missing_rate_summary
 from models.report import write_report
 from models.train import resolve_device, score
 from service.datasets import encode_dataset
+from service.features.speaker_norm import bundle_normalisers
+from service.training import encode_normalised
 
 
 def evaluate_bundle(
@@ -36,7 +38,14 @@ def evaluate_bundle(
         raise ValueError(f"--drop: the bundle has no modality {sorted(unknown)}; it uses {list(model.modalities)}")
     labels = manifest["labels"]
     convs = read_jsonl(data_file)
-    encoded = encode_dataset(convs, manifest["feature_spec"], labels, model.config.n_speakers, str(dev), progress)
+    from service.features.finetuned import absolute_spec
+
+    spec = absolute_spec(manifest["feature_spec"], bundle_dir)
+    norms = bundle_normalisers(spec, bundle_dir)
+    if norms:  # the bundle was trained on speaker-normalised features: the same transform here
+        encoded = encode_normalised(convs, spec, labels, model.config.n_speakers, norms, str(dev), progress)
+    else:
+        encoded = encode_dataset(convs, spec, labels, model.config.n_speakers, str(dev), progress)
     if not any((c.labels >= 0).any() for c in encoded):
         raise DataError(f"{data_file}: no labelled utterances to evaluate")
     metrics: dict[str, Any] = {

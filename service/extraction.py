@@ -55,6 +55,21 @@ class MediaIndex:
         return paths[0] if paths else None
 
 
+def bundle_media_spec(bundle_dir: Path) -> dict[str, dict]:
+    """The audio/visual entries of a bundle's feature spec (without serve-time ``normalise``); DataError
+    when the bundle has none computed from media (text-only, or inline vectors)."""
+    from models.bundle import read_manifest
+
+    spec = {
+        m: {k: v for k, v in e.items() if k != "normalise"}
+        for m, e in read_manifest(bundle_dir)["feature_spec"].items()
+        if m in MEDIA_MODALITIES and e.get("version") != "inline"
+    }
+    if not spec:
+        raise DataError(f"{bundle_dir}: the bundle uses no audio or visual features computed from media")
+    return spec
+
+
 def media_input(path: Path) -> MediaInput:
     return MediaInput(audio=path) if path.suffix.lower() in AUDIO_SUFFIXES else MediaInput(video=path)
 
@@ -82,7 +97,7 @@ def conversation_media_features(
                 jobs.append((path, single, [i]))
     for path, part, rows in jobs:
         try:
-            got, _ = extract_features(part, spec, media_input(path), device)
+            got, _ = extract_features(part, spec, media_input(path), device, readings=False)
         except (MediaError, DataError) as e:
             _log_error(log, conv, None if part is conv else part.utterances[0].id, path, e)
             continue
@@ -167,4 +182,4 @@ def extract_dataset(
     return {"out": str(out), "conversations": counts, "errors": n_errors}
 
 
-__all__ = ["MediaIndex", "conversation_media_features", "extract_dataset", "extract_split"]
+__all__ = ["MediaIndex", "bundle_media_spec", "conversation_media_features", "extract_dataset", "extract_split"]

@@ -35,7 +35,9 @@ class Predictor:
         self.name: str = self.manifest.get("name", self.path.name)
         self.labels: list[str] = list(self.manifest["labels"])
         self.modalities: list[str] = list(self.model.modalities)
-        self.feature_spec: dict[str, dict[str, Any]] = self.manifest["feature_spec"]
+        from service.features.finetuned import absolute_spec
+
+        self.feature_spec: dict[str, dict[str, Any]] = absolute_spec(self.manifest["feature_spec"], self.path)
 
     @torch.no_grad()
     def probabilities(self, conv: Conversation, features: FeatureLists) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,14 @@ Layout (``prefix`` defaults to ``merc:``)::
     merc:status:<status>     sorted set of ids per status, scored by the time they entered it
     merc:finished            sorted set of finished ids, scored by finish time (retention)
     merc:alive:<worker>      key with a TTL, refreshed by each live worker (see ``beat``)
-    <data_dir>/jobs/<id>/    request.json, media, features.npz, result.json (by reference)
+    merc:lease:<name>        a lock with an expiry (per-conversation appends, the retention sweeper)
+    merc:outbox:<id>         a callback delivery (url, body, attempts); merc:outbox:due scores them
+    <data_dir>/jobs/<id>/    request.json, media, features.npz, result.json (by reference; an
+                             appended conversation's result is a new result.<hex>.json, named in
+                             the hash's ``result_file`` by a compare-and-set)
 
-Status transitions are single Lua scripts, so ``start`` is atomic across hosts.
+Status transitions, the append compare-and-set, lease release and outbox claims are single
+Lua scripts, so they are atomic across hosts and API replicas.
 """
 
 from __future__ import annotations
@@ -23,12 +28,24 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from service.store import FAILED, QUEUED, RUNNING, STATUSES, SUCCEEDED, JobStore
+from service.store import (
+    FAILED,
+    QUEUED,
+    RUNNING,
+    STATUSES,
+    SUCCEEDED,
+    TMP_MAX_AGE_S,
+    JobStore,
+    dumps,
+    hold_lease,
+    sweep_tmp_dir,
+)
 
 _MOVE = """
 local cur = redis.call('HGET', KEYS[1], 'status')
@@ -41,6 +58,24 @@ if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' then redis.call('ZADD', ARGV[1]
 if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
+"""
+_UPDATE = """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'n_utterances')
+if cur[1] ~= 'succeeded' or (ARGV[1] ~= '' and cur[2] ~= ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'n_utterances', ARGV[2], 'result_file', ARGV[3], 'updated_at', ARGV[4])
+return 1
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[3], id)
+  redis.call('HINCRBY', ARGV[4] .. id, 'attempts', 1)
+end
+return ids
 """
 _FLOATS = ("created_at", "updated_at", "started_at", "finished_at", "dispatched_at")
 _INTS = ("attempts", "n_utterances")
@@ -67,6 +102,9 @@ class RedisJobStore:
         self.on_create: Callable[[str], None] | None = None
         self.on_delete: Callable[[str], None] | None = None
         self._move = self.redis.register_script(_MOVE)
+        self._update = self.redis.register_script(_UPDATE)
+        self._release = self.redis.register_script(_RELEASE)
+        self._claim = self.redis.register_script(_CLAIM)
 
     # ------------------------------------------------------------ the JobStore interface
 
@@ -98,7 +136,7 @@ class RedisJobStore:
         for k in _INTS:
             job[k] = int(job.get(k) or 0)
         job["error"] = json.loads(raw["error"]) if raw.get("error") else None
-        job["result"] = self._read_result(job_id) if job["status"] == SUCCEEDED else None
+        job["result"] = self._read_result(job_id, raw.get("result_file")) if job["status"] == SUCCEEDED else None
         return job
 
     def status(self, job_id: str) -> str | None:
@@ -110,19 +148,34 @@ class RedisJobStore:
         return self._transition(job_id, QUEUED, RUNNING, attempt=True, started_at=now, worker=self.worker_name)
 
     def finish(self, job_id: str, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
-        """-> succeeded (result written to result.json) or failed (with ``error``); False if deleted."""
-        if error is None and not self._write_result(job_id, result):
+        """running -> succeeded (result written to result.json) or failed (with ``error``);
+        False if deleted or not running. ValueError for a non-finite ``result``."""
+        if self.status(job_id) != RUNNING:
+            return False
+        if error is None and not self._write_result(job_id, result, "result.json"):
             return False
         fields: dict[str, Any] = {"finished_at": time.time()}
         if error is not None:
             fields["error"] = json.dumps(error)
-        return self._transition(job_id, "", FAILED if error is not None else SUCCEEDED, **fields)
+        return self._transition(job_id, RUNNING, FAILED if error is not None else SUCCEEDED, **fields)
 
-    def update_result(self, job_id: str, result: dict[str, Any], n_utterances: int) -> bool:
-        """Replace a finished job's result (appended utterances)."""
-        if self.status(job_id) != SUCCEEDED or not self._write_result(job_id, result):
+    def update_result(
+        self, job_id: str, result: dict[str, Any], n_utterances: int, expected_n: int | None = None
+    ) -> bool:
+        """Replace a succeeded job's result (appended utterances); with ``expected_n``, only if the
+        conversation still has that many utterances: a compare-and-set in one Lua script, so two
+        API replicas or workers cannot lose each other's turns."""
+        name = f"result.{uuid.uuid4().hex}.json"
+        if self.status(job_id) != SUCCEEDED or not self._write_result(job_id, result, name):
             return False
-        return self._transition(job_id, SUCCEEDED, SUCCEEDED, n_utterances=n_utterances)
+        previous = self.redis.hget(self._key(job_id), "result_file")
+        args = ["" if expected_n is None else str(expected_n), str(n_utterances), name, time.time()]
+        if self._update(keys=[self._key(job_id)], args=args) != 1:
+            (self.job_dir(job_id) / name).unlink(missing_ok=True)
+            return False
+        if previous:
+            (self.job_dir(job_id) / previous).unlink(missing_ok=True)
+        return True
 
     def next_queued(self) -> str | None:
         ids = self.redis.zrange(self._status_key(QUEUED), 0, 0)
@@ -154,6 +207,65 @@ class RedisJobStore:
         if existed and self.on_delete is not None:
             self.on_delete(job_id)
         return bool(existed)
+
+    # ------------------------------------------------------------ leases (locks that expire)
+
+    def acquire(self, name: str, ttl_s: float) -> str | None:
+        """Take the lease ``name`` for ``ttl_s`` seconds (SET NX PX): its token, or None while held."""
+        token = uuid.uuid4().hex
+        ok = self.redis.set(self.prefix + "lease:" + name, token, nx=True, px=max(1, int(ttl_s * 1000)))
+        return token if ok else None
+
+    def release(self, name: str, token: str) -> bool:
+        return self._release(keys=[self.prefix + "lease:" + name], args=[token]) == 1
+
+    def lock(self, name: str, ttl_s: float, wait_s: float) -> AbstractContextManager[str]:
+        """One holder at a time across every host; Busy after ``wait_s``."""
+        return hold_lease(self, name, ttl_s, wait_s)
+
+    # ------------------------------------------------------------ the callback outbox
+
+    def outbox_add(self, job_id: str, url: str, body: dict[str, Any]) -> str:
+        item_id = uuid.uuid4().hex
+        fields = {"id": item_id, "job_id": job_id, "url": url, "body": dumps(body), "attempts": 0}
+        with self.redis.pipeline() as p:
+            p.hset(self.prefix + "outbox:" + item_id, mapping=fields)
+            p.zadd(self.prefix + "outbox:due", {item_id: time.time()})
+            p.execute()
+        return item_id
+
+    def outbox_claim(self, limit: int, lease_s: float) -> list[dict[str, Any]]:
+        """Up to ``limit`` due deliveries, hidden from other deliverers for ``lease_s`` seconds."""
+        now = time.time()
+        args = [now, limit, now + lease_s, self.prefix + "outbox:"]
+        ids = self._claim(keys=[self.prefix + "outbox:due"], args=args)
+        out = []
+        for item_id in ids:
+            raw = self.redis.hgetall(self.prefix + "outbox:" + item_id)
+            if raw:
+                out.append({**raw, "attempts": int(raw["attempts"]), "body": json.loads(raw["body"])})
+            else:  # done meanwhile
+                self.redis.zrem(self.prefix + "outbox:due", item_id)
+        return out
+
+    def outbox_retry(self, item_id: str, due: float, error: str) -> None:
+        with self.redis.pipeline() as p:
+            p.hset(self.prefix + "outbox:" + item_id, "last_error", error[:500])
+            p.zadd(self.prefix + "outbox:due", {item_id: due})
+            p.execute()
+
+    def outbox_done(self, item_id: str) -> None:
+        with self.redis.pipeline() as p:
+            p.delete(self.prefix + "outbox:" + item_id)
+            p.zrem(self.prefix + "outbox:due", item_id)
+            p.execute()
+
+    def outbox_size(self) -> int:
+        return int(self.redis.zcard(self.prefix + "outbox:due"))
+
+    def sweep_tmp(self, older_than_s: float = TMP_MAX_AGE_S) -> list[str]:
+        """Remove uploads left in the shared tmp/ by a crashed request of any API replica."""
+        return sweep_tmp_dir(self.tmp_dir, older_than_s)
 
     def close(self) -> None:
         self.redis.close()
@@ -200,6 +312,11 @@ class RedisJobStore:
     def alive(self, worker: str) -> bool:
         return bool(worker) and self.redis.exists(self.prefix + "alive:" + worker) == 1
 
+    def live_workers(self) -> list[str]:
+        """Names of the workers whose heartbeat has not expired."""
+        start = len(self.prefix + "alive:")
+        return sorted(k[start:] for k in self.redis.scan_iter(self.prefix + "alive:*", count=1000))
+
     # ------------------------------------------------------------ helpers
 
     def _key(self, job_id: str) -> str:
@@ -213,21 +330,22 @@ class RedisJobStore:
         args = [self.prefix, expected, new, time.time(), "1" if attempt else "0", *pairs]
         return self._move(keys=[self._key(job_id)], args=args) == 1
 
-    def _write_result(self, job_id: str, result: dict[str, Any] | None) -> bool:
-        """result.json in the job's folder, atomically; False if the folder is gone (deleted job)."""
+    def _write_result(self, job_id: str, result: dict[str, Any] | None, name: str) -> bool:
+        """``name`` in the job's folder, atomically; False if the folder is gone (deleted job)."""
         folder = self.job_dir(job_id)
         if not folder.is_dir():
             return False
+        text = dumps(result) or "null"  # ValueError for NaN before anything is written
         tmp = folder / f"result.{uuid.uuid4().hex}.tmp"
         try:
-            tmp.write_text(json.dumps(result))
-            tmp.replace(folder / "result.json")
+            tmp.write_text(text)
+            tmp.replace(folder / name)
         except FileNotFoundError:  # deleted meanwhile
             return False
         return True
 
-    def _read_result(self, job_id: str) -> dict[str, Any] | None:
+    def _read_result(self, job_id: str, name: str | None = None) -> dict[str, Any] | None:
         try:
-            return json.loads((self.job_dir(job_id) / "result.json").read_text())
+            return json.loads((self.job_dir(job_id) / (name or "result.json")).read_text())
         except (OSError, ValueError):
             return None

@@ -1,8 +1,10 @@
 """Retention: finished jobs (record, media, features, result) are deleted after ``MERC_RETENTION_S``.
 
-Works on either job store: the SQLite one of ``merc serve`` (the API process sweeps) and the
-Redis one of distributed mode (every worker's heartbeat thread sweeps too; deleting an
-already deleted job is a no-op, so several sweepers agree).
+Works on either job store: the SQLite one of ``merc serve`` and the Redis one of distributed
+mode. Every API and worker process runs ``start_sweeper``, but one sweeper acts per interval:
+a round starts by taking the store lease ``retention-sweeper`` for the interval (not given
+back, it expires), so the other processes skip that round. A round also removes uploads left
+in ``tmp/`` by a crashed request.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Any
 
 log = logging.getLogger("merc.retention")
+LEASE = "retention-sweeper"
 
 
 def sweep_expired(store: Any, retention_s: float) -> list[str]:
@@ -25,13 +28,21 @@ def sweep_expired(store: Any, retention_s: float) -> list[str]:
     return expired
 
 
+def sweep_round(store: Any, retention_s: float, interval_s: float) -> list[str] | None:
+    """One round: None when another process holds this interval's lease, else the deleted ids."""
+    if store.acquire(LEASE, ttl_s=interval_s * 0.9) is None:
+        return None
+    store.sweep_tmp()
+    return sweep_expired(store, retention_s)
+
+
 def start_sweeper(store: Any, retention_s: float, interval_s: float) -> threading.Thread:
-    """A daemon thread running ``sweep_expired`` every ``interval_s`` seconds."""
+    """A daemon thread running ``sweep_round`` every ``interval_s`` seconds."""
 
     def loop() -> None:
         while True:
             try:
-                sweep_expired(store, retention_s)
+                sweep_round(store, retention_s, interval_s)
             except Exception:  # the store away for a moment: try again next round
                 log.warning("retention sweep failed", exc_info=True)
             time.sleep(interval_s)

@@ -15,11 +15,20 @@ import torch
 import yaml
 
 from models.bundle import save_bundle
-from models.data import file_sha256, read_dataset_info, read_jsonl
+from models.data import (
+    Conversation,
+    EncodedConversation,
+    encode_conversation,
+    file_sha256,
+    read_dataset_info,
+    read_jsonl,
+)
 from models.registry import make_config, model_class
 from models.report import plot_training_curve
 from models.train import TrainConfig, fit, train_defaults
-from service.datasets import dataset_feature_spec, encode_dataset
+from service.datasets import conversation_features, dataset_feature_spec, encode_dataset
+from service.features.speaker_norm import NORM_FILE, SpeakerNormaliser, speaker_normalised
+from service.text_finetuning import is_finetune_option, prepare_finetuned_text
 
 
 def code_version() -> dict[str, str]:
@@ -47,24 +56,62 @@ def code_version() -> dict[str, str]:
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     """["model.hidden=256", "train.lr=1e-4"] -> {"model": {...}, "train": {...}} (YAML-typed values)."""
-    out: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    out: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "finetune": {}}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot or section not in out:
-            raise ValueError(f"--set {pair!r}: expected model.NAME=VALUE or train.NAME=VALUE")
+            raise ValueError(f"--set {pair!r}: expected model.NAME=VALUE, train.NAME=VALUE or finetune.NAME=VALUE")
         out[section][name] = yaml.safe_load(value)
     return out
 
 
 def load_yaml_config(path: Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
-        return {"model": {}, "train": {}}
+        return {"model": {}, "train": {}, "finetune": {}}
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"model", "train"}
+    unknown = set(raw) - {"model", "train", "finetune"}
     if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)} (expected model, train)")
-    return {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
+        raise ValueError(f"{path}: unknown sections {sorted(unknown)} (expected model, train, finetune)")
+    return {k: dict(raw.get(k) or {}) for k in ("model", "train", "finetune")}
+
+
+def encode_normalised(
+    convs: list[Conversation],
+    spec: dict[str, dict],
+    labels: list[str],
+    n_speakers: int,
+    norms: dict[str, SpeakerNormaliser],
+    device: str = "auto",
+    progress: bool = True,
+) -> list[EncodedConversation]:
+    """:func:`service.datasets.encode_dataset` with ``norms``' modalities normalised per speaker in each
+    conversation (the transform service.pipeline.bundle_inputs applies at serve time)."""
+    feats = conversation_features(convs, spec, device, progress)
+    dims = {m: int(e["dim"]) for m, e in spec.items()}
+    out = []
+    for conv, f in zip(convs, feats, strict=True):
+        f = speaker_normalised(f, [u.speaker for u in conv.utterances], norms)
+        out.append(encode_conversation(conv, f, dims, labels, n_speakers))
+    return out
+
+
+def fit_normalisers(
+    convs: list[Conversation], spec: dict[str, dict], modalities: list[str], shrink: float, device: str = "auto"
+) -> dict[str, SpeakerNormaliser]:
+    """Training statistics of each modality to speaker-normalise; its spec entry gains ``normalise``."""
+    unknown = set(modalities) - set(spec)
+    if unknown:
+        raise ValueError(f"--speaker-norm: {sorted(unknown)} are not among the trained modalities {list(spec)}")
+    feats = conversation_features(convs, {m: spec[m] for m in modalities}, device, progress=False)
+    norms = {}
+    for m in modalities:
+        vectors = [v for f in feats for v in f[m] if v is not None]
+        if not vectors:
+            raise ValueError(f"--speaker-norm {m}: no {m} vectors in the training data")
+        norms[m] = SpeakerNormaliser.fit(vectors, shrink)
+        spec[m] = {**spec[m], "normalise": {"by": "speaker", "shrink": shrink, "file": f"{m}_{NORM_FILE}"}}
+    return norms
 
 
 def train_bundle(
@@ -78,11 +125,26 @@ def train_bundle(
     dtype: str = "float16",
     progress: bool = True,
     command: str | None = None,
+    speaker_norm: list[str] | None = None,
+    norm_shrink: float = 4.0,
+    finetune_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``arch`` on ``data_dir`` (dataset.json, train.jsonl, dev.jsonl); write a bundle."""
+    """Train ``arch`` on ``data_dir`` (dataset.json, train.jsonl, dev.jsonl); write a bundle.
+
+    ``speaker_norm``: modalities z-normalised per speaker within each conversation (shrunk towards
+    the training statistics with ``norm_shrink`` pseudo-utterances); the spec records it and the
+    statistics go into the bundle, so serving normalises the same way.
+    """
     info = read_dataset_info(data_dir)
     labels = list(info["labels"])
-    spec = dataset_feature_spec(info, modalities, text_encoder)
+    finetuned = is_finetune_option(text_encoder)
+    spec = dataset_feature_spec(info, modalities, None if finetuned else text_encoder)
+    manifest_spec = spec
+    if finetuned and "text" in spec:  # fine-tuned, context-aware text: the extractor goes into the bundle
+        device = (train_overrides or {}).get("device", "auto")
+        spec, manifest_spec = prepare_finetuned_text(
+            spec, str(text_encoder), data_dir, out_dir, finetune_overrides, device, progress
+        )
     cfg_values = asdict(train_defaults(arch, info.get("name", data_dir.name)))
     cfg_values.update(train_overrides or {})
     cfg = TrainConfig.from_dict(cfg_values)
@@ -95,8 +157,13 @@ def train_bundle(
     files = [data_dir / "train.jsonl", data_dir / "dev.jsonl"]
     train_convs, dev_convs = read_jsonl(files[0]), read_jsonl(files[1])
     n_spk = model_cfg.n_speakers
-    train = encode_dataset(train_convs, spec, labels, n_spk, cfg.device, progress)
-    dev = encode_dataset(dev_convs, spec, labels, n_spk, cfg.device, progress)
+    norms = fit_normalisers(train_convs, spec, speaker_norm, norm_shrink, cfg.device) if speaker_norm else {}
+    if norms:
+        train = encode_normalised(train_convs, spec, labels, n_spk, norms, cfg.device, progress)
+        dev = encode_normalised(dev_convs, spec, labels, n_spk, norms, cfg.device, progress)
+    else:
+        train = encode_dataset(train_convs, spec, labels, n_spk, cfg.device, progress)
+        dev = encode_dataset(dev_convs, spec, labels, n_spk, cfg.device, progress)
 
     torch.manual_seed(cfg.seed)
     model = model_class(arch)(model_cfg)
@@ -105,7 +172,7 @@ def train_bundle(
     manifest = {
         "name": out_dir.name,
         "labels": labels,
-        "feature_spec": spec,
+        "feature_spec": manifest_spec,
         "dataset": {
             "name": info.get("name", data_dir.name),
             "files": [str(f) for f in files],
@@ -124,6 +191,8 @@ def train_bundle(
         "command": command or " ".join(sys.argv),
     }
     save_bundle(out_dir, model, manifest, dtype=dtype)
+    for m, norm in norms.items():
+        norm.save(out_dir / spec[m]["normalise"]["file"])
     plot_training_curve(result.history, out_dir / "training_curve.png")
     (out_dir / "dev_metrics.json").write_text(json.dumps(result.dev, indent=2) + "\n")
     return manifest

@@ -1,271 +1,271 @@
-"""Job processing, independent of the web framework.
+"""Job lifecycle, independent of the web framework: the job runner.
 
-``process_job(job_id)`` is the whole unit of work: it reads the job's inputs from the data
-directory (``jobs/<id>/request.json`` and media), extracts features, runs the bundle, and
-stores the result (or a problem+json error) in the job store. The in-process worker of
-``merc serve`` is a few threads calling it; a Celery task (issue #5) can call the same
-function with the id it receives from the broker.
+``process_job(job_id)`` is the whole unit of work: it moves the job queued -> running, runs
+its inference in a killable child process (``service.sandbox``; ``service.inference`` does
+the work), stops it at ``MERC_JOB_TIMEOUT_S``, and stores the result or a problem+json error.
+Two kinds of job exist:
+
+* a conversation (``kind`` text or media): ``jobs/<id>/request.json`` and media -> result;
+* an append (``kind`` append): new turns for a succeeded conversation. Under the
+  conversation's lease (``store.lock``, across processes and hosts) the runner assigns
+  default ids, checks duplicates and the utterance limit, scores the grown conversation
+  reusing the stored features, writes its files, and swaps the result in with a
+  compare-and-set on the utterance count. The append job's own result is the new turns.
+
+The in-process worker of ``merc serve`` is a few threads calling it; the Celery task of
+``merc worker`` calls the same function. This module never imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from models.data import Conversation, parse_conversation
 from service import metrics
-from service.callbacks import callback_problem
-from service.datasets import INLINE
-from service.features.registry import extractor_for
-from service.pipeline import MediaInput, extract_features, supplied_modalities
-from service.pipeline import score as pipeline_score
-from service.predictor import FeatureLists, Predictor
+from service.callbacks import callback_body
+from service.jobfiles import read_json, save_features, write_json
+from service.sandbox import ChildDied, ChildRunner, JobTimeout, RemoteError
 from service.settings import Settings, get_settings
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Busy, JobStore
 
 log = logging.getLogger("merc.worker")
 
-_PREDICTORS: dict[str, Predictor] = {}
-_PREDICTOR_LOCK = threading.Lock()
 FINISH_HOOKS: list[Callable[[str], None]] = []  # called with the job id when a job of this process ends
-_CONV_LOCKS = [threading.Lock() for _ in range(64)]  # appends to one conversation run one at a time
+APPEND = "append"
+_RUNNERS: dict[int, ChildRunner] = {}
+_RUNNERS_LOCK = threading.Lock()
+_PATHS = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/'\"():,]+){2,}")
 
 
-class JobInputError(ValueError):
-    """A job whose stored inputs cannot be processed (reported as the job's error)."""
+class JobProblem(Exception):
+    """A job that ends failed with this problem (``status``: the HTTP status an API answers with)."""
+
+    def __init__(self, status: int, slug: str, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.detail, self.field = status, slug, detail, field
+
+    def body(self) -> dict[str, Any]:
+        out = {"type": f"urn:merc:problem:{self.slug}", "title": _TITLES.get(self.slug, "Job failed")}
+        out |= {"status": self.status, "detail": self.detail}
+        if self.field:
+            out["field"] = self.field
+            out["pointer"] = "/" + self.field.replace("[", "/").replace("]", "").replace(".", "/")
+        return out
 
 
-def get_predictor(name: str, settings: Settings | None = None) -> Predictor:
-    """The bundle ``name`` loaded once per process."""
-    settings = settings or get_settings()
-    with _PREDICTOR_LOCK:
-        if name not in _PREDICTORS:
-            started = time.perf_counter()
-            _PREDICTORS[name] = Predictor(name, device=settings.device, weights_dir=settings.weights_dir)
-            metrics.STAGE_SECONDS.labels("load_model").observe(time.perf_counter() - started)
-        return _PREDICTORS[name]
+_TITLES = {
+    "job-timeout": "Job took too long",
+    "job-invalid-input": "Inputs could not be processed",
+    "job-internal": "Job failed",
+    "unknown-conversation": "Not found",
+    "not-finished": "Conflict",
+    "conversation-busy": "Conflict",
+    "duplicate-id": "Unprocessable content",
+    "too-many-utterances": "Unprocessable content",
+}
 
 
-def warm_up(predictor: Predictor, settings: Settings) -> None:
-    """Load the extractors a bundle's feature spec names now, not on the first request."""
-    for m, entry in predictor.feature_spec.items():
-        if entry["version"] == INLINE:
-            continue
-        try:
-            extractor = extractor_for(m, entry, settings.device)
-        except ValueError as e:  # a spec this host cannot satisfy: jobs will report it per modality
-            log.warning("bundle %s: %s", predictor.name, e)
-            continue
-        if hasattr(extractor, "load"):
-            extractor.load()
+def default_runner(settings: Settings) -> ChildRunner:
+    """The inference child of the calling thread (one per worker thread, started on first use)."""
+    key = threading.get_ident()
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None or runner.settings is not settings:
+            if runner is not None:
+                runner.kill()
+            runner = _RUNNERS[key] = ChildRunner(settings)
+        return runner
 
 
-def loaded_models() -> list[str]:
-    return sorted(_PREDICTORS)
+def redact(text: str) -> str:
+    """``text`` with file system paths reduced to their last component (no server layout in errors)."""
+    return _PATHS.sub(lambda m: m.group(0).rsplit("/", 1)[-1], text)
 
 
-# ---------------------------------------------------------------- features and scoring
+# ---------------------------------------------------------------- one job
 
 
-def extract(predictor: Predictor, conv: Conversation, media: MediaInput, device: str) -> tuple[FeatureLists, dict]:
-    """Features for ``conv`` per the bundle's spec, and seconds per stage."""
-    return extract_features(conv, predictor.feature_spec, media if media.video or media.audio else None, device)
-
-
-def score(predictor: Predictor, conv: Conversation, features: FeatureLists, media: MediaInput, timings: dict) -> dict:
-    """The result document (see service.pipeline.score); stage seconds go to the metrics."""
-    result = pipeline_score(predictor, conv, features, supplied_modalities(conv, media), timings)
-    for stage, seconds in result["timings"].items():
-        if seconds > 0:  # stages that did not run this time (no media) are not observed
-            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
-    return result
-
-
-def save_features(path: Path, features: FeatureLists, n: int) -> None:
-    """modality -> (n, D) float32 plus a presence mask, in one npz (atomically replaced)."""
-    arrays = {}
-    for m, vectors in features.items():
-        dim = next((len(v) for v in vectors if v is not None), 0)
-        arr = np.zeros((n, dim), dtype=np.float32)
-        present = np.zeros(n, dtype=bool)
-        for i, v in enumerate(vectors):
-            if v is not None:
-                arr[i], present[i] = v, True
-        arrays[m], arrays[f"{m}__present"] = arr, present
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
-
-
-def load_features(path: Path) -> FeatureLists:
-    with np.load(path) as data:
-        names = [k for k in data.files if not k.endswith("__present")]
-        return {m: [row if ok else None for row, ok in zip(data[m], data[f"{m}__present"], strict=True)] for m in names}
-
-
-# ---------------------------------------------------------------- jobs
-
-
-def read_request(job_dir: Path) -> tuple[dict[str, Any], Conversation, MediaInput]:
-    """The stored request, its conversation, and its media paths."""
-    try:
-        request = json.loads((job_dir / "request.json").read_text())
-    except (OSError, ValueError) as e:
-        raise JobInputError(f"job inputs are missing or unreadable ({e})") from None
-    conv = parse_conversation(request["conversation"], "transcript")
-    desc = request.get("media") or {}
-    media = MediaInput(
-        video=job_dir / desc["video"]["file"] if "video" in desc else None,
-        audio=job_dir / desc["audio"]["file"] if "audio" in desc else None,
-        video_has_audio=bool(desc.get("video", {}).get("has_audio")),
-    )
-    return request, conv, media
-
-
-def process_job(job_id: str, store: JobStore | None = None, settings: Settings | None = None) -> str | None:
+def process_job(
+    job_id: str, store: JobStore | None = None, settings: Settings | None = None, runner: ChildRunner | None = None
+) -> str | None:
     """Run one queued job to completion; returns its final status (None if it was not queued).
 
     Every failure ends as status ``failed`` with a problem+json ``error``; nothing is left running.
     """
     settings = settings or get_settings()
     store = store or JobStore(settings.data_dir)
+    runner = runner or default_runner(settings)
+    if not runner.alive():  # a fresh child (first job, or after a timeout): models load off the job's clock
+        runner.preload()
     if not store.start(job_id):
         return None
     started = time.perf_counter()
+    job = store.get(job_id)
+    result, error = None, None
     try:
-        result = _run(store, job_id, settings)
-        if time.perf_counter() - started > settings.job_timeout_s:
-            raise TimeoutError(f"the job took longer than the {settings.job_timeout_s:g} s limit")
-        error = None
+        if job is None:
+            raise JobProblem(404, "unknown-conversation", "the job was deleted")
+        result = _run_append(store, job, settings, runner) if job["kind"] == APPEND else _run(store, job, runner)
     except Exception as e:  # any failure must end the job, with its reason
-        log.warning("job %s failed: %s", job_id, e, exc_info=not isinstance(e, (ValueError, TimeoutError)))
-        result, error = None, _job_problem(e)
-    store.finish(job_id, result=result, error=error)
+        error = job_problem(e, settings)
+        log.warning("job %s failed: %s", job_id, error["detail"], exc_info=error["type"].endswith("job-internal"))
+    try:
+        store.finish(job_id, result=result, error=error)
+    except ValueError as e:  # a non-finite number slipped into the result: fail, never store it
+        error = job_problem(JobProblem(422, "job-invalid-input", f"the result is not valid JSON ({e})"), settings)
+        store.finish(job_id, error=error)
     status = FAILED if error else SUCCEEDED
+    for stage, seconds in ((result or {}).get("timings") or {}).items():
+        if seconds > 0:  # stages that did not run this time (no media) are not observed
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
     metrics.JOBS.labels(status).inc()
     metrics.JOB_SECONDS.observe(time.perf_counter() - started)
     for hook in FINISH_HOOKS:
         hook(job_id)
-    job = store.get(job_id)
-    if job and job.get("callback_url"):
-        args = (job["callback_url"], job, settings.callback_timeout_s, settings.callback_allow_private)
-        threading.Thread(target=send_callback, args=args, name="merc-callback", daemon=True).start()
+    _queue_callback(store, job_id)
     return status
 
 
-def _run(store: JobStore, job_id: str, settings: Settings) -> dict:
+def job_problem(e: Exception, settings: Settings) -> dict[str, Any]:
+    """The problem+json ``error`` of a failed job (paths redacted)."""
+    if isinstance(e, JobProblem):
+        problem = e
+    elif isinstance(e, JobTimeout):
+        limit = settings.job_timeout_s
+        detail = f"the job ran longer than MERC_JOB_TIMEOUT_S ({limit:g} s) and was stopped ({e})"
+        problem = JobProblem(504, "job-timeout", detail)
+    elif isinstance(e, Busy):
+        problem = JobProblem(409, "conversation-busy", "another append to this conversation is still running")
+    elif isinstance(e, RemoteError) and e.invalid_input:
+        problem = JobProblem(422, "job-invalid-input", str(e))
+    elif isinstance(e, (RemoteError, ChildDied)):
+        problem = JobProblem(500, "job-internal", f"{getattr(e, 'kind', type(e).__name__)}: {e}")
+    else:
+        problem = JobProblem(500, "job-internal", f"{type(e).__name__}: {e}")
+    body = problem.body()
+    body["detail"] = redact(body["detail"])
+    return body
+
+
+def _run(store: JobStore, job: dict[str, Any], runner: ChildRunner) -> dict[str, Any]:
+    job_dir = store.job_dir(job["id"])
+    out = runner.call(
+        "run_conversation_job", runner.settings.job_timeout_s, job_dir=str(job_dir), model=job["model"],
+        settings=runner.settings,
+    )  # fmt: skip
+    return out["result"]
+
+
+def _queue_callback(store: JobStore, job_id: str) -> None:
     job = store.get(job_id)
-    if job is None:
-        raise JobInputError("the job was deleted")
-    job_dir = store.job_dir(job_id)
-    _, conv, media = read_request(job_dir)
-    predictor = get_predictor(job["model"], settings)
-    features, timings = extract(predictor, conv, media, settings.device)
-    result = score(predictor, conv, features, media, timings)
-    if job_dir.is_dir():
-        save_features(job_dir / "features.npz", features, len(conv.utterances))
-    return result
+    if job and job.get("callback_url") and job["kind"] != APPEND:
+        store.outbox_add(job_id, job["callback_url"], callback_body(job))
+        for hook in CALLBACK_HOOKS:
+            hook()
 
 
-def _job_problem(e: Exception) -> dict[str, Any]:
-    kind = "timeout" if isinstance(e, TimeoutError) else "invalid-input" if isinstance(e, ValueError) else "internal"
-    titles = {"timeout": "Job took too long", "invalid-input": "Inputs could not be processed"}
-    return {
-        "type": f"urn:merc:problem:job-{kind}",
-        "title": titles.get(kind, "Job failed"),
-        "detail": f"{type(e).__name__}: {e}" if kind == "internal" else str(e),
-    }
-
-
-def send_callback(url: str, job: dict[str, Any], timeout: float, allow_private: bool = False) -> None:
-    """POST the finished job to its callback URL (best effort: failures are logged and counted).
-
-    The host is checked again here (see service.callbacks): it may resolve differently now."""
-    import httpx
-
-    reason = callback_problem(url, allow_private)
-    if reason:
-        log.warning("callback for job %s not sent: %s", job["id"], reason)
-        metrics.CALLBACKS.labels("refused").inc()
-        return
-    body = {k: job[k] for k in ("id", "status", "model", "result", "error")}
-    try:
-        httpx.post(url, json=body, timeout=timeout).raise_for_status()
-        metrics.CALLBACKS.labels("ok").inc()
-    except httpx.HTTPError as e:
-        log.warning("callback %s for job %s failed: %s", url, job["id"], e)
-        metrics.CALLBACKS.labels("failed").inc()
+CALLBACK_HOOKS: list[Callable[[], None]] = []  # a delivery was queued (wakes this process's Deliverer)
 
 
 # ---------------------------------------------------------------- appended turns
 
 
-def append_utterances(store: JobStore, job_id: str, new: Conversation, settings: Settings) -> dict[str, Any]:
-    """Score ``new`` utterances in the context of a finished conversation, reusing its stored features.
-
-    Only the new turns' features are computed (text, inline vectors); media-derived
-    modalities are absent for them. Returns the updated result with only the new utterances.
-    """
-    with _CONV_LOCKS[hash(job_id) % len(_CONV_LOCKS)]:
-        job = store.get(job_id)
-        if job is None or job["status"] != SUCCEEDED:
-            raise LookupError(job["status"] if job else "gone")
-        job_dir = store.job_dir(job_id)
-        request, conv, media = read_request(job_dir)
-        predictor = get_predictor(job["model"], settings)
-        old = load_features(job_dir / "features.npz")
-        fresh, timings = extract(predictor, new, MediaInput(), settings.device)
-        n_old, n_new = len(conv.utterances), len(new.utterances)
-        features = {m: old.get(m, [None] * n_old) + fresh.get(m, [None] * n_new) for m in predictor.modalities}
-        conv.utterances.extend(new.utterances)
-        result = score(predictor, conv, features, media, timings)
-        request["conversation"]["utterances"].extend(_utterance_dicts(new, n_old))
-        _write_json(job_dir / "request.json", request)
-        save_features(job_dir / "features.npz", features, len(conv.utterances))
-        if not store.update_result(job_id, result, len(conv.utterances)):
-            raise LookupError("gone")
-        return {**result, "utterances": result["utterances"][n_old:]}
+def create_append(store: JobStore, conversation_id: str, model: str, utterances: list[dict[str, Any]]) -> str:
+    """Queue an append job: new turns (validated request dicts) for ``conversation_id``."""
+    job_id = store.new_id()
+    folder = store.job_dir(job_id)
+    folder.mkdir(parents=True)
+    write_json(folder / "request.json", {"conversation_id": conversation_id, "utterances": utterances})
+    store.create(job_id, model, APPEND, len(utterances))
+    return job_id
 
 
-def _utterance_dicts(conv: Conversation, offset: int) -> list[dict[str, Any]]:
-    out = []
-    for i, u in enumerate(conv.utterances):
-        d = {"id": u.id or f"utt{offset + i}", "speaker": u.speaker, "text": u.text, "start": u.start, "end": u.end}
-        if u.features:
-            d["features"] = u.features
-        out.append(d)
+def _run_append(store: JobStore, job: dict[str, Any], settings: Settings, runner: ChildRunner) -> dict[str, Any]:
+    request = read_json(store.job_dir(job["id"]) / "request.json")
+    conv_id, new = request["conversation_id"], request["utterances"]
+    ttl = settings.job_timeout_s + 60  # the lease cannot outlive the job's own time limit
+    with store.lock(f"conversation:{conv_id}", ttl_s=ttl, wait_s=settings.job_timeout_s):
+        conv_job = store.get(conv_id)
+        if conv_job is None or conv_job["kind"] == APPEND:
+            raise JobProblem(404, "unknown-conversation", f"no conversation {conv_id}", "job_id")
+        if conv_job["status"] != SUCCEEDED:
+            detail = f"the conversation is {conv_job['status']}; turns can be appended once it has succeeded"
+            raise JobProblem(409, "not-finished", detail, "job_id")
+        folder = store.job_dir(conv_id)
+        try:
+            return _append_locked(store, conv_job, folder, new, settings, runner)
+        except FileNotFoundError:  # DELETE removed the folder meanwhile
+            raise JobProblem(404, "unknown-conversation", f"conversation {conv_id} was deleted", "job_id") from None
+
+
+def _append_locked(
+    store: JobStore, conv_job: dict, folder: Path, new: list[dict], settings: Settings, runner: ChildRunner
+) -> dict[str, Any]:
+    conv_request = read_json(folder / "request.json")
+    conversation = conv_request["conversation"]
+    old = [{**u, "id": u.get("id") or f"utt{i}"} for i, u in enumerate(conversation["utterances"])]  # default ids
+    n_old = len(old)
+    if n_old + len(new) > settings.max_utterances:
+        detail = f"the conversation would exceed {settings.max_utterances} utterances"
+        raise JobProblem(422, "too-many-utterances", detail, "utterances")
+    added = assign_ids(new, [u["id"] for u in old])
+    grown = {**conversation, "utterances": old + added}
+    out = runner.call(
+        "run_append", settings.job_timeout_s, job_dir=str(folder), model=conv_job["model"], conversation=grown,
+        first=n_old, settings=settings,
+    )  # fmt: skip
+    result, n = out["result"], n_old + len(added)
+    save_features(folder / "features.npz", out["features"], n)  # rows < n_old unchanged: a crash here is harmless
+    write_json(folder / "request.json", {**conv_request, "conversation": grown})
+    if not store.update_result(conv_job["id"], result, n, expected_n=conv_job["n_utterances"]):
+        raise JobProblem(409, "not-finished", "the conversation changed or was deleted meanwhile", "job_id")
+    return {**result, "utterances": result["utterances"][n_old:]}
+
+
+def assign_ids(new: list[dict[str, Any]], taken: list[str]) -> list[dict[str, Any]]:
+    """Copies of ``new`` with ids: given ones must be unused (422), missing ones become utt{index}."""
+    used, out = set(taken), []
+    for i, u in enumerate(new):
+        if u.get("id") is not None and u["id"] in used:
+            earlier = "an earlier utterance" if u["id"] in taken else "another new utterance"
+            raise JobProblem(422, "duplicate-id", f"id {u['id']!r} is already used by {earlier}", f"utterances[{i}].id")
+        if u.get("id") is not None:
+            used.add(u["id"])
+    for i, u in enumerate(new):
+        uid, k = u.get("id"), 1
+        if uid is None:
+            uid = f"utt{len(taken) + i}"
+            while uid in used:
+                uid, k = f"utt{len(taken) + i}.{k}", k + 1
+            used.add(uid)
+        out.append({**u, "id": uid})
     return out
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the in-process worker
 
 
 class InProcessWorker:
-    """Threads that take queued jobs from the store and run ``process_job`` on them."""
+    """Threads that take queued jobs from the store and run ``process_job`` on them, each with
+    its own inference child (models loaded at start, again after a child was stopped)."""
 
     def __init__(self, store: JobStore, settings: Settings, threads: int = 1) -> None:
         self.store, self.settings, self.n_threads = store, settings, threads
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.runners = [ChildRunner(settings) for _ in range(threads)]
         self.heartbeat = time.monotonic()
 
     def start(self) -> None:
+        """Start the threads; each first loads the models in its child (``ready`` after that)."""
         for i in range(self.n_threads):
-            t = threading.Thread(target=self._loop, name=f"merc-worker-{i}", daemon=True)
+            t = threading.Thread(target=self._loop, args=(self.runners[i],), name=f"merc-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -276,25 +276,48 @@ class InProcessWorker:
     def alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
+    def loaded_models(self) -> list[str]:
+        return sorted({m for r in self.runners for m in r.models})
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
         for t in self._threads:
             t.join(timeout)
+        for runner in self.runners:
+            runner.kill()
 
-    def _loop(self) -> None:
+    def _loop(self, runner: ChildRunner) -> None:
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
             try:
+                if not runner.alive():  # stopped at a timeout or crashed: load the models again
+                    runner.preload()
                 job_id = self.store.next_queued()
                 if job_id is None:
                     self._wake.wait(1.0)
                     self._wake.clear()
                     continue
-                process_job(job_id, self.store, self.settings)
+                process_job(job_id, self.store, self.settings, runner)
             except Exception:  # the loop must survive a broken store read
                 log.exception("worker loop error")
                 time.sleep(0.5)
 
 
-__all__ = ["FAILED", "QUEUED", "RUNNING", "SUCCEEDED", "InProcessWorker", "append_utterances", "process_job"]
+def error_status(error: dict[str, Any] | None) -> int:
+    """The HTTP status a failed job's problem asks for (500 when it names none)."""
+    status = (error or {}).get("status")
+    return int(status) if isinstance(status, int) else 500
+
+
+__all__ = [
+    "APPEND",
+    "FAILED",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "InProcessWorker",
+    "JobProblem",
+    "create_append",
+    "process_job",
+]

@@ -8,53 +8,65 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service import metrics
 from service.api import errors
-from service.api.routes import conversations, health
+from service.api.routes import conversations, health, page
 from service.api.routes import models as models_route
 from service.api.schemas import AppendIn, ConversationIn
 from service.api.waiter import JobWaiter
+from service.callbacks import Deliverer
 from service.celery_app import get_queue_settings, open_store
 from service.retention import start_sweeper
 from service.settings import Settings, get_settings
-from service.worker import FINISH_HOOKS, InProcessWorker, get_predictor, warm_up
+from service.worker import CALLBACK_HOOKS, FINISH_HOOKS, InProcessWorker
 
 log = logging.getLogger("merc.api")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the store, re-queue interrupted jobs, load models once, start the worker."""
-    settings: Settings = app.state.settings
-    if settings.torch_threads:
-        import torch
+    """Open the store, re-queue interrupted jobs, start the worker, the sweeper and callback delivery.
 
-        torch.set_num_threads(settings.torch_threads)
+    No model is loaded here: the API validates from manifests (service.catalogue); models live
+    in the inference children of the in-process worker, or in the workers of distributed mode.
+    """
+    settings: Settings = app.state.settings
+    qs = get_queue_settings()
     store = open_store(settings, api=True)  # Redis + Celery dispatch when MERC_QUEUE is set
-    start_sweeper(store, get_queue_settings().retention_s, get_queue_settings().sweep_interval_s)
+    swept = store.sweep_tmp()
+    if swept:
+        log.warning("removed %d uploads left in tmp/ by an earlier crash", len(swept))
+    start_sweeper(store, qs.retention_s, qs.sweep_interval_s)
     recovered = store.recover(settings.max_attempts)
     if any(recovered.values()):
         log.warning("interrupted jobs: %s", recovered)
-    for name in dict.fromkeys([settings.default_model, *settings.preload]):
-        warm_up(get_predictor(name, settings), settings)
     metrics.watch_queue(store.depth)
-    distributed = get_queue_settings().queue is not None
+    distributed = qs.queue is not None
     worker = InProcessWorker(store, settings, settings.workers) if settings.workers and not distributed else None
     if worker is not None:
         worker.start()
+    deliverer = Deliverer(store, settings.callback_timeout_s, settings.callback_allow_private).start()
     waiter = JobWaiter(asyncio.get_running_loop())
     FINISH_HOOKS.append(waiter.finished)
+    CALLBACK_HOOKS.append(deliverer.notify)
     app.state.store, app.state.worker, app.state.waiter = store, worker, waiter
+    app.state.distributed = distributed
     try:
         yield
     finally:
         FINISH_HOOKS.remove(waiter.finished)
+        CALLBACK_HOOKS.remove(deliverer.notify)
+        deliverer.stop()
         if worker is not None:
             worker.stop()
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class MetricsMiddleware:
@@ -77,10 +89,37 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
-        finally:
+        finally:  # bounded labels: known methods (else "other"), route templates (else "unmatched")
             route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.REQUESTS.labels(scope["method"], route, str(status)).inc()
-            metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            metrics.REQUESTS.labels(method, route, str(status)).inc()
+            metrics.LATENCY.labels(method, route).observe(time.perf_counter() - started)
+
+
+class RelativeRedirects:
+    """Redirects (the trailing-slash 307s) point at a path, never at the client's Host header."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_relative(message: dict) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+                message["headers"] = [
+                    (k, _path_only(v) if k.lower() == b"location" else v) for k, v in message.get("headers", [])
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _path_only(location: bytes) -> bytes:
+    parts = urlsplit(location.decode("latin-1"))
+    return urlunsplit(("", "", parts.path or "/", parts.query, "")).encode("latin-1")
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -109,6 +148,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(models_route.router)
     app.include_router(health.router)
+    app.include_router(page.router)  # the page at / (service/api/static)
+    app.add_middleware(RelativeRedirects)
     app.add_middleware(MetricsMiddleware)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service import metrics
 
@@ -96,15 +97,33 @@ def validation_problem(errors: Sequence[Any], prefix: Sequence[str | int] = ()) 
     return Problem(422, "invalid-request", f"{first['field']}: {first['detail']}", field=first["field"], errors=listed)
 
 
+MAX_INSTANCE = 200  # characters of the request path echoed as ``instance`` (a 100 kB path is not echoed)
+
+
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
     if problem.status < 500:
         metrics.REJECTED.labels(problem.slug).inc()
+    instance = request.url.path if request else None
+    if instance and len(instance) > MAX_INSTANCE:
+        instance = instance[:MAX_INSTANCE] + "..."
     return JSONResponse(
-        problem.body(request.url.path if request else None),
+        problem.body(instance),
         status_code=problem.status,
         media_type=PROBLEM_JSON,
         headers=problem.headers,
     )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route of the app accepts on the request's path (HEAD with GET)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        for method in ("GET", "POST", "PUT", "DELETE", "PATCH"):
+            if route.matches({**request.scope, "method": method})[0] == Match.FULL:
+                methods.add(method)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:
@@ -129,7 +148,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        return problem_response(Problem(exc.status_code, slug, str(exc.detail), headers=exc.headers), request)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of every route on this path, not just the first route's
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        detail = str(exc.detail)[:MAX_INSTANCE]
+        return problem_response(Problem(exc.status_code, slug, detail, headers=headers), request)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -9,7 +9,7 @@ from typing import Any
 
 from service.api.errors import Problem
 
-VIDEO_FORMATS = {"mp4", "mov", "webm", "mkv", "avi"}
+VIDEO_FORMATS = {"mp4", "mov", "webm", "mkv", "avi", "flv"}
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "m4a"} | VIDEO_FORMATS
 _IMAGES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF"}
 _PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="merc-probe")
@@ -24,7 +24,7 @@ def sniff(head: bytes) -> str | None:
         return "webm" if b"webm" in head[:64] else "mkv"
     if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
         return "wav" if head[8:12] == b"WAVE" else "avi"
-    for magic, fmt in ((b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3")):
+    for magic, fmt in ((b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"), (b"FLV\x01", "flv")):
         if head.startswith(magic):
             return fmt
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
@@ -43,8 +43,11 @@ def _describe_unknown(head: bytes) -> str:
         return "unrecognised binary data"
 
 
-def _probe(path: Path, want_video: bool) -> dict[str, Any]:
-    """Open with PyAV, list streams, and decode one frame of the stream that matters."""
+def _probe(path: Path, want_video: bool, max_seconds: float = float("inf")) -> dict[str, Any]:
+    """Open with PyAV, list streams, and decode one frame of the stream that matters.
+
+    A container that declares no duration (a matroska written to a pipe) is measured from its
+    packets' timestamps, up to just past ``max_seconds``."""
     import av
 
     with av.open(str(path), metadata_errors="ignore") as container:
@@ -54,6 +57,9 @@ def _probe(path: Path, want_video: bool) -> dict[str, Any]:
         if duration is None:
             spans = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
             duration = max(spans, default=None)
+    if duration is None:
+        duration = packet_duration(path, max_seconds)
+    with av.open(str(path), metadata_errors="ignore") as container:
         stream = (container.streams.video or container.streams.audio or [None])[0]
         if want_video and has_video:
             stream = container.streams.video[0]
@@ -62,6 +68,22 @@ def _probe(path: Path, want_video: bool) -> dict[str, Any]:
         if stream is not None and next(iter(container.decode(stream)), None) is None:
             raise ValueError("no frame could be decoded")
     return {"duration": duration, "has_video": has_video, "has_audio": has_audio}
+
+
+def packet_duration(path: Path, max_seconds: float) -> float | None:
+    """Seconds covered by the packets of every stream (demuxed, not decoded); stops past ``max_seconds``."""
+    import av
+
+    end = None
+    with av.open(str(path), metadata_errors="ignore") as container:
+        for packet in container.demux():
+            if packet.pts is None or packet.time_base is None:
+                continue
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+            if end > max_seconds:
+                break
+    return end
 
 
 def inspect_media(path: Path, field: str, timeout: float, max_seconds: float) -> dict[str, Any]:
@@ -81,14 +103,15 @@ def inspect_media(path: Path, field: str, timeout: float, max_seconds: float) ->
             f"{field}: the content is {what}, not a supported {field} container ({', '.join(sorted(allowed))})",
             field=field,
         )
-    future = _PROBES.submit(_probe, path, field == "video")
+    future = _PROBES.submit(_probe, path, field == "video", max_seconds)
     try:
         info = future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:
         raise Problem(422, "decode-timeout", f"{field}: decoding took longer than {timeout:g} s", field=field) from None
     except Exception as e:  # any decoder error means a corrupt upload
+        reason = str(e).replace(str(path), "the upload").replace(path.name, "the upload")  # no server paths
         raise Problem(
-            422, "corrupt-media", f"{field}: looks like {fmt} but cannot be decoded ({e})", field=field
+            422, "corrupt-media", f"{field}: looks like {fmt} but cannot be decoded ({reason})", field=field
         ) from e
     _check_streams(info, field, fmt, max_seconds)
     return {"format": fmt, "size": size, **info}

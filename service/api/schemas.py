@@ -62,11 +62,26 @@ class ModalityReport(BaseModel):
     reason: str | None = Field(description="why a supplied modality was not used (or a trained one is missing)")
 
 
+class TranscriptSource(BaseModel):
+    """``{"source": "supplied"}``, or what speech recognition made of a media upload without transcript."""
+
+    source: Literal["supplied", "asr"]
+    model: str | None = Field(None, description="the speech recognition model, e.g. whisper-tiny.en")
+    language: str | None = None
+    confidence: float | None = Field(None, description="mean word probability over the transcript, 0..1")
+    speakers: Literal["clustered", "unknown"] | None = Field(
+        None, description="clustered: told apart by voice (speaker1, speaker2, ...); unknown: not told apart"
+    )
+    utterance_confidence: list[float] | None = Field(None, description="per utterance, mean word probability")
+    speech_seconds: float | None = Field(None, description="seconds of speech found by voice activity detection")
+
+
 class ConversationResult(BaseModel):
     model: str
     labels: list[str] = Field(description="the bundle's label order")
     utterances: list[UtteranceResult]
     modalities: dict[Modality, ModalityReport]
+    transcript: TranscriptSource | None = Field(None, description="where the text came from")
     timings: dict[str, float] = Field(description="seconds per processing stage")
 
 
@@ -108,6 +123,14 @@ class AppendOut(BaseModel):
     utterances: list[UtteranceResult]
     modalities: dict[Modality, ModalityReport]
     timings: dict[str, float]
+
+
+class AppendPending(BaseModel):
+    """An append still queued or running after ?wait: poll the conversation (its n_utterances grows)."""
+
+    id: str
+    status: Status
+    links: dict[str, str]
 
 
 class ModelOut(BaseModel):

@@ -3,40 +3,38 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from models.bundle import MANIFEST, BundleError
+from service import catalogue
 from service.api.errors import Problem, validation_problem
 from service.api.schemas import ConversationIn, UtteranceIn
 from service.callbacks import callback_problem
-from service.predictor import Predictor
+from service.catalogue import BundleInfo, CatalogueError
 from service.settings import Settings
 from service.store import JobStore
-from service.worker import get_predictor
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DURATION_TOLERANCE = 0.1  # seconds a transcript may run past the media's end (container rounding)
+MAX_FEATURE_ABS = 1e6  # inline feature values beyond this overflow the models' input standardisation
 
 
 def bundle_names(settings: Settings) -> list[str]:
-    return sorted(p.parent.name for p in Path(settings.weights_dir).glob(f"*/{MANIFEST}"))
+    return catalogue.bundle_names(settings.weights_dir)
 
 
-def resolve_model(name: str | None, settings: Settings, field: str = "model") -> Predictor:
-    """The loaded bundle a request asks for (or the default); 422 naming ``field`` if unknown."""
+def resolve_model(name: str | None, settings: Settings, field: str = "model") -> BundleInfo:
+    """The bundle a request asks for (or the default), from its manifest; 422 naming ``field`` if unknown."""
     name = name or settings.default_model
     available = bundle_names(settings)
-    if not _NAME.match(name) or name not in available:
+    if not catalogue.NAME.match(name) or name not in available:
         raise Problem(422, "unknown-model", f"no model {name!r}; available: {', '.join(available)}", field=field)
     try:
-        return get_predictor(name, settings)
-    except (BundleError, OSError) as e:
-        raise Problem(422, "unusable-model", f"model {name!r} cannot be loaded: {e}", field=field) from e
+        return catalogue.bundle_info(name, settings.weights_dir)
+    except CatalogueError as e:
+        raise Problem(422, "unusable-model", f"model {name!r} cannot be used: {e}", field=field) from e
 
 
 def parse_transcript(raw: bytes, prefix: str = "transcript") -> ConversationIn:
@@ -93,14 +91,18 @@ def _check_times(u: UtteranceIn, at: str, duration: float | None, media: bool) -
             raise Problem(422, "time-outside-media", detail, field=f"{at}.{name}")
 
 
-def check_features(utts: list[UtteranceIn], predictor: Predictor, where: str = "utterances") -> None:
-    """Inline vectors must have the size the bundle was trained on."""
+def check_features(utts: list[UtteranceIn], predictor: BundleInfo, where: str = "utterances") -> None:
+    """Inline vectors must have the size the bundle was trained on, and values a model can take."""
     for i, u in enumerate(utts):
         for m, vec in (u.features or {}).items():
             entry = predictor.feature_spec.get(m)
             if entry is not None and entry["version"] == "inline" and len(vec) != int(entry["dim"]):
                 detail = f"{len(vec)} values; model {predictor.name!r} expects {entry['dim']}"
                 raise Problem(422, "feature-size", detail, field=f"{where}[{i}].features.{m}")
+            big = next((j for j, v in enumerate(vec) if abs(v) > MAX_FEATURE_ABS), None)
+            if big is not None:
+                detail = f"value {vec[big]:g} at position {big} is outside [-{MAX_FEATURE_ABS:g}, {MAX_FEATURE_ABS:g}]"
+                raise Problem(422, "feature-out-of-range", detail, field=f"{where}[{i}].features.{m}")
 
 
 def check_callback(url: object | None, settings: Settings) -> None:
@@ -118,14 +120,34 @@ def check_something_to_score(utts: list[UtteranceIn], has_media: bool, where: st
     raise Problem(422, "nothing-to-score", "no utterance has text, features or media", field=where)
 
 
+def untranscribed() -> ConversationIn:
+    """The stand-in conversation of a media upload without transcript (one placeholder turn, never stored)."""
+    return ConversationIn(utterances=[UtteranceIn(speaker="unknown")])
+
+
+def check_transcribable(media: dict[str, dict[str, Any]]) -> None:
+    """Without a transcript the upload needs sound to transcribe; 422 naming ``transcript`` otherwise."""
+    if not media:
+        detail = "a transcript is required without media (speech recognition needs a video or audio upload)"
+        raise Problem(422, "transcript-required", detail, field="transcript")
+    if not any(m.get("has_audio") for m in media.values()):
+        detail = "no transcript and no sound to transcribe: the upload has no audio stream; send a transcript"
+        raise Problem(422, "nothing-to-transcribe", detail, field="transcript")
+
+
 def create_job(
     store: JobStore,
     conv: ConversationIn,
-    predictor: Predictor,
+    predictor: BundleInfo,
     media: dict[str, dict[str, Any]],
     files: dict[str, Path],
+    transcribe: bool = False,
 ) -> str:
-    """Write jobs/<id>/ (request.json, media moved in under sniffed names) and queue the job."""
+    """Write jobs/<id>/ (request.json, media moved in under sniffed names) and queue the job.
+
+    ``transcribe``: no transcript came (``conv`` is :func:`untranscribed`); the worker makes one
+    by speech recognition and writes it into request.json before scoring.
+    """
     job_id = store.new_id()
     job_dir = store.job_dir(job_id)
     job_dir.mkdir(parents=True)
@@ -136,10 +158,12 @@ def create_job(
         raw = conv.model_dump(mode="json", exclude={"model", "callback_url"}, exclude_none=True)
         raw["id"] = conv.id or job_id
         request = {"conversation": raw, "model": predictor.name, "media": media}
+        if transcribe:
+            raw["utterances"], request["transcribe"] = [], True
         (job_dir / "request.json").write_text(json.dumps(request))
         kind = "media" if media else "text"
         callback = str(conv.callback_url) if conv.callback_url else None
-        store.create(job_id, predictor.name, kind, len(conv.utterances), callback)
+        store.create(job_id, predictor.name, kind, 0 if transcribe else len(conv.utterances), callback)
     except BaseException:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
@@ -148,7 +172,8 @@ def create_job(
 
 def job_json(store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
     """The JobOut document of a store row."""
-    media = {}
+    media: dict[str, Any] = {}
+    request: dict[str, Any] = {}
     try:
         request = json.loads((store.job_dir(job["id"]) / "request.json").read_text())
         media = {k: {f: v for f, v in d.items() if f != "file"} for k, d in request.get("media", {}).items()}
@@ -156,4 +181,7 @@ def job_json(store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
         pass
     keys = ("id", "status", "model", "created_at", "updated_at", "attempts", "n_utterances", "result", "error")
     path = f"/v1/conversations/{job['id']}"
-    return {**{k: job[k] for k in keys}, "media": media, "links": {"self": path, "utterances": f"{path}/utterances"}}
+    out = {**{k: job[k] for k in keys}, "media": media, "links": {"self": path, "utterances": f"{path}/utterances"}}
+    if job.get("result") and request.get("transcript", {}).get("source") == "asr" and not job["n_utterances"]:
+        out["n_utterances"] = len(job["result"]["utterances"])  # counted at upload (0) before recognition ran
+    return out

@@ -37,7 +37,7 @@ class JobWaiter:
         deadline = self.loop.time() + timeout
         try:
             while True:
-                status = store.status(job_id)
+                status = await asyncio.to_thread(store.status, job_id)  # no blocking store call in the loop
                 remaining = deadline - self.loop.time()
                 if status not in (QUEUED, RUNNING) or remaining <= 0:
                     return status

@@ -77,6 +77,10 @@ class PyEmotionEmbedder(nn.Module):
         scores = self.net.linear[3](self.net.linear[2](hidden))
         return hidden, scores
 
+    def expression_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, 7) class scores before the network's final sigmoid, from (N, 256) ``hidden``."""
+        return self.net.linear[2](hidden)
+
 
 def pyemotion_files() -> tuple[Path, Path, str]:
     """(networks.py, main_model.pkl, "PyEmotion==VERSION") of the installed wheel."""

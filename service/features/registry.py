@@ -61,7 +61,15 @@ def make_spec(modality: str, name: str | None = None, options: dict[str, Any] | 
 
 
 def extractor_for(modality: str, entry: dict[str, Any], device: str = "auto"):
-    """The extractor a spec entry names; DataError when this host's version or dimension differ."""
+    """The extractor a spec entry names; DataError when this host's version or dimension differ.
+
+    A fine-tuned text entry (adapter path made absolute by the Predictor) gives its hash-checked
+    :class:`service.features.finetuned.FinetunedTextEncoder`."""
+    if modality == "text":
+        from service.features.finetuned import get_finetuned_encoder, is_finetuned
+
+        if is_finetuned(entry):
+            return get_finetuned_encoder(entry, None, str(resolve_device(device)))
     extractor = get_extractor(modality, entry["extractor"], entry.get("options"), device)
     if extractor.spec.version != entry["version"] or extractor.spec.dim != int(entry["dim"]):
         raise DataError(

@@ -92,6 +92,7 @@ class FaceObs:
     prob: float
     crop: np.ndarray  # (48, 48) float32 gray, or (112, 112, 3) for r3d18
     embedding: np.ndarray | None = None
+    expression: np.ndarray | None = None  # (7,) softmax of the PyEmotion class scores (mtcnn-pyemotion only)
 
 
 def aligned_crop(image: Image.Image, box: np.ndarray, eyes: np.ndarray | None, size: int, margin: float = 1.1):
@@ -280,6 +281,7 @@ class VisualBatch:
             self.results, start = [], 0
             for s in self.sessions:
                 self.results.append(flat[start : start + s.n_windows])
+                s.chosen = chosen[start : start + s.n_windows]
                 start += s.n_windows
             self.cnn_seconds += time.perf_counter() - started
         return self.results
@@ -294,8 +296,9 @@ class VisualBatch:
             part = flat[i : i + ex.batch_faces]
             x = torch.from_numpy(np.stack([o.crop for o in part])[:, None]).to(ex.device, dtype)
             hidden, _ = ex.cnn(x)
-            for obs, vec in zip(part, hidden.float().cpu().numpy(), strict=True):
-                obs.embedding = vec
+            expression = torch.softmax(ex.cnn.expression_logits(hidden).float(), dim=1).cpu().numpy()
+            for obs, vec, probs in zip(part, hidden.float().cpu().numpy(), expression, strict=True):
+                obs.embedding, obs.expression = vec, probs
         return [stats_pool(np.stack([o.embedding for o in faces])) if faces else None for faces in chosen]
 
     @torch.inference_mode()
@@ -321,6 +324,7 @@ class VisualSession:
     n_windows: int
     faces: list[list[list[FaceObs]]] = field(default_factory=list)  # window -> frame -> faces
     frame_count: int = 0
+    chosen: list[list[FaceObs]] = field(default_factory=list)  # window -> the faces pooled (after finish)
 
     def __post_init__(self) -> None:
         self.faces = [[] for _ in range(self.n_windows)]

@@ -25,7 +25,7 @@ import av
 import numpy as np
 
 SAMPLE_RATE = 16000
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".flv")
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".ogg")
 TRUNCATION_TOLERANCE_S = 1.0
 

@@ -140,7 +140,8 @@ MEDIA_CASES = [
         "video",
     ),
     ("video without sound as audio", {"audio": ("a.mp4", silent_video(), "audio/mp4")}, 422, "audio"),
-    ("no transcript (no ASR)", {"audio": ("a.wav", wav_bytes(), "audio/wav")}, 422, "transcript"),
+    ("no transcript, no sound to transcribe", {"video": ("a.mp4", silent_video(), "video/mp4")}, 422, "transcript"),
+    ("no transcript and no media", {"model": (None, "sdt-meld7")}, 422, "transcript"),
     ("transcript not JSON", {"audio": ("a.wav", wav_bytes(), "a/b"), "transcript": (None, "{")}, 422, "transcript"),
     (
         "transcript past the media's end",

@@ -93,15 +93,39 @@ def test_a_deleted_job_is_skipped(store: RedisJobStore, settings: Settings) -> N
 
 
 def test_importing_the_worker_loads_no_model_and_leaves_cuda_alone() -> None:
-    """Models load in worker_process_init (after any fork), never when Celery imports the tasks."""
+    """Models load in the worker's inference child (service.sandbox), never when Celery imports
+    the tasks: the supervising process does not even import torch."""
     import subprocess
     import sys
 
-    code = (
-        "import service.celery_tasks, torch; from service.worker import loaded_models; "
-        "print(loaded_models(), torch.cuda.is_initialized())"
-    )
+    code = "import sys, service.celery_tasks; print('torch' in sys.modules)"
     env = {"MERC_QUEUE": "redis://127.0.0.1:1/0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["[]", "False"]
+    assert out.stdout.split() == ["False"]
+
+
+@pytest.mark.skipif(not (ROOT / "weights" / MODEL).exists(), reason=f"bundle {MODEL} not present")
+def test_a_job_past_its_time_limit_is_stopped_and_the_next_delivery_runs(store: RedisJobStore, tmp_path) -> None:
+    """Issue 12, item 11, on the code path of the Celery task: the job's child is killed at
+    MERC_JOB_TIMEOUT_S, the job fails naming the limit, and the same worker runs the next job."""
+    settings = Settings(
+        data_dir=tmp_path / "data", weights_dir=ROOT / "weights", default_model=MODEL, device="cpu", job_timeout_s=3
+    )
+    slow = store.new_id()
+    store.job_dir(slow).mkdir(parents=True)
+    texts = [f"sentence {i} about the weather, the {i % 7} dogs and tomorrow's plans" for i in range(1500)]
+    conv = {
+        "id": "slow",
+        "utterances": [{"id": f"u{i}", "speaker": "AB"[i % 2], "text": t} for i, t in enumerate(texts)],
+    }
+    (store.job_dir(slow) / "request.json").write_text(json.dumps({"conversation": conv, "model": MODEL}))
+    store.create(slow, MODEL, "text", len(texts))
+    assert handle(slow, "w1@h", settings, store) == "failed"
+    job = store.get(slow)
+    assert job["error"]["type"] == "urn:merc:problem:job-timeout", job["error"]
+    assert "MERC_JOB_TIMEOUT_S (3 s)" in job["error"]["detail"]
+    assert job["finished_at"] - job["started_at"] < 3 + 3  # stopped at the limit, not when the work ended
+    nxt = queued_job(store)
+    assert handle(nxt, "w1@h", settings, store) == "succeeded"
+    assert store.get(nxt)["result"]["utterances"][0]["emotion"]

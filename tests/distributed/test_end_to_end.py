@@ -9,11 +9,13 @@ lost or stuck. Skips when redis-server is not installed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,6 +31,8 @@ pytestmark = [
     pytest.mark.skipif(not (ROOT / "weights" / MODEL).exists(), reason=f"bundle {MODEL} not present"),
 ]
 TERMINAL = ("succeeded", "failed")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {"MERC_VISIBILITY_TIMEOUT_S": "3", "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "2"}
@@ -152,3 +156,51 @@ def test_killed_worker_leaves_no_job_lost_or_stuck(cluster: LocalCluster, api: h
     else:
         assert job["error"]["type"] == "urn:merc:problem:worker-lost", job["error"]
     assert store.depth()["queued"] == 0 and store.depth()["running"] == 0
+
+
+def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster: LocalCluster, api) -> None:
+    """Issue 12: ids and the duplicate check are decided under a lease in Redis, so two API
+    replicas (and two workers) appending to one conversation at once lose no turn."""
+    from service.local_cluster import Proc, free_port, merc_command, wait_until
+
+    port = free_port()
+    cmd = merc_command("serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
+    second = Proc("api2", cmd, cluster.env, cluster.logs).start()
+    try:
+        url2 = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{url2}/readyz", timeout=2).status_code == 200, 120, "API 2", second)
+        job = api.post("/v1/conversations", params={"wait": 30}, json=sample_conversation(2, tag="pa")).json()
+        assert job["status"] == "succeeded", job
+        path = f"/v1/conversations/{job['id']}/utterances"
+        bodies = [{"utterances": [{"speaker": "A", "text": f"appended turn {i}"}]} for i in range(8)]
+
+        def post(i: int) -> httpx.Response:
+            base = cluster.api_url if i % 2 == 0 else url2
+            return httpx.post(base + path, params={"wait": 60}, json=bodies[i], timeout=90)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+        full = api.get(f"/v1/conversations/{job['id']}").json()
+        ids = [u["id"] for u in full["result"]["utterances"]]
+        texts = sorted(u["text"] for u in full["result"]["utterances"][2:])
+        assert (
+            full["n_utterances"] == 10
+            and len(set(ids)) == 10
+            and texts == sorted(b["utterances"][0]["text"] for b in bodies)
+        )
+    finally:
+        second.stop()
+
+
+def test_api_process_never_maps_libtorch_and_stays_small(cluster: LocalCluster, api) -> None:
+    """Issue 12, item 10: the API validates from manifests; appends and media run on the workers."""
+    ids = [submit_text(api, 5), submit_audio(api)]
+    wait_all(api, ids, timeout=60)
+    r = api.post(f"/v1/conversations/{ids[0]}/utterances", params={"wait": 30}, json=sample_conversation(1, tag="m"))
+    assert r.status_code == 200 and r.json()["utterances"][0]["index"] == 5, r.text
+    pid = cluster.api.pid
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps and "libc10" not in maps
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    assert rss_kb < 400 * 1024, f"API RSS {rss_kb / 1024:.0f} MB"

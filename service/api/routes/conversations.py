@@ -11,16 +11,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from models.data import DataError, parse_conversation
 from service.api import submit
 from service.api.deps import QueueRoom, SettingsDep, StoreDep, WorkerDep, require_api_key
 from service.api.errors import Problem, validation_problem
 from service.api.media import inspect_media
 from service.api.multipart import FormParts, read_form
-from service.api.schemas import AppendIn, AppendOut, ConversationIn, JobOut
+from service.api.schemas import AppendIn, AppendOut, AppendPending, ConversationIn, JobOut
 from service.settings import Settings
-from service.store import FAILED, SUCCEEDED, JobStore
-from service.worker import append_utterances
+from service.store import FAILED, SUCCEEDED, Busy, JobStore
+from service.worker import APPEND, create_append, error_status
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(require_api_key)])
@@ -122,7 +121,7 @@ async def create_conversation(
     if any((m.get("duration") or 0) > settings.sync_media_max_s for m in media.values()):
         wait = 0.0
     status = await request.app.state.waiter.wait(store, job_id, min(wait, settings.max_wait_s))
-    job = store.get(job_id)
+    job = await run_in_threadpool(store.get, job_id)
     code = 200 if status in (SUCCEEDED, FAILED) else 202
     return JSONResponse(submit.job_json(store, job), status_code=code, headers={"Location": job_json_path(job_id)})
 
@@ -155,18 +154,19 @@ async def _submit_multipart(request: Request, settings: Settings, store: JobStor
 
 
 def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -> tuple[str, dict]:
-    if "transcript" not in parts.fields:
-        detail = "a transcript is required: this service has no speech recognition (ASR) to make one"
-        raise Problem(422, "transcript-required", detail, field="transcript")
+    transcribe = "transcript" not in parts.fields  # the worker transcribes the media (speech recognition)
     media = {
         name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds)
         for name, path in parts.files.items()
     }
-    conv = submit.parse_transcript(parts.fields["transcript"])
+    if transcribe:
+        submit.check_transcribable(media)
+    conv = submit.untranscribed() if transcribe else submit.parse_transcript(parts.fields["transcript"])
     durations = [m["duration"] for m in media.values() if m["duration"] is not None]
     duration = min(durations) if durations else None
     where = "transcript.utterances"
-    submit.check_utterances(conv.utterances, settings, where=where, duration=duration, media=bool(media))
+    if not transcribe:
+        submit.check_utterances(conv.utterances, settings, where=where, duration=duration, media=bool(media))
     for name in ("model", "callback_url"):
         if name in parts.fields:
             value = parts.fields[name].decode("utf-8", "replace").strip()
@@ -178,20 +178,34 @@ def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -
     submit.check_callback(conv.callback_url, settings)
     submit.check_features(conv.utterances, predictor, where)
     submit.check_something_to_score(conv.utterances, bool(media), where)
-    return submit.create_job(store, conv, predictor, media, parts.files), media
+    return submit.create_job(store, conv, predictor, media, parts.files, transcribe), media
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS, summary="Status and, when done, the result")
 def get_conversation(job_id: JobId, store: StoreDep) -> JSONResponse:
-    job = store.get(str(job_id))
-    if job is None:
+    return JSONResponse(submit.job_json(store, _conversation(store, str(job_id))))
+
+
+def _conversation(store: JobStore, job_id: str) -> dict[str, Any]:
+    """The conversation job ``job_id``; 404 if unknown (append jobs are internal)."""
+    job = store.get(job_id)
+    if job is None or job["kind"] == APPEND:
         raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
-    return JSONResponse(submit.job_json(store, job))
+    return job
 
 
 @router.delete("/{job_id}", status_code=204, responses=_ERRORS, summary="Delete media, features and result")
-def delete_conversation(job_id: JobId, store: StoreDep) -> Response:
-    if not store.delete(str(job_id)):
+def delete_conversation(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
+    """Waits for an append in progress (the conversation's lease), then removes every copy."""
+    _conversation(store, str(job_id))
+    try:
+        with store.lock(f"conversation:{job_id}", ttl_s=60, wait_s=min(30.0, settings.job_timeout_s)):
+            deleted = store.delete(str(job_id))
+    except Busy:
+        raise Problem(
+            409, "conversation-busy", "an append to this conversation is still running", field="job_id"
+        ) from None
+    if not deleted:
         raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
     return Response(status_code=204)
 
@@ -199,47 +213,63 @@ def delete_conversation(job_id: JobId, store: StoreDep) -> Response:
 @router.post(
     "/{job_id}/utterances",
     response_model=AppendOut,
-    responses=_ERRORS,
+    dependencies=[QueueRoom],
+    responses={202: {"model": AppendPending, "description": "still running after ?wait"}, **_ERRORS},
     openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/AppendIn"}}}}
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/AppendIn"}}},
+        }
     },
     summary="Append text turns; returns the new utterances scored in context",
 )
-async def append(job_id: JobId, request: Request, settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    """Earlier utterances keep their stored features; only the new turns are encoded."""
+async def append(
+    job_id: JobId,
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    worker: WorkerDep,
+    wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the scores before 202")] = None,
+) -> JSONResponse:
+    """Earlier utterances keep their stored features; the new turns are scored by a worker, in context.
+
+    Ids and the duplicate check are decided by the worker under the conversation's lock, so
+    parallel appends (from any number of API processes) keep every turn exactly once.
+    """
+    if wait is not None and wait > settings.max_wait_s:
+        raise Problem(422, "invalid-request", f"wait: at most {settings.max_wait_s:g} seconds", field="wait")
     new = parse_body(AppendIn, await read_json_body(request, settings.max_transcript_kb * 1024))
-    result = await run_in_threadpool(_append, str(job_id), new, settings, store)
-    return JSONResponse({"id": str(job_id), **result})
+    append_id = await run_in_threadpool(_queue_append, str(job_id), new, settings, store)
+    if worker is not None:
+        worker.notify()
+    wait = settings.text_wait_s if wait is None else wait
+    status = await request.app.state.waiter.wait(store, append_id, min(wait, settings.max_wait_s))
+    job = await run_in_threadpool(store.get, append_id)
+    location = {"Location": job_json_path(str(job_id))}
+    if job is None or status not in (SUCCEEDED, FAILED):
+        body = {"id": str(job_id), "status": status or "queued", "links": {"conversation": location["Location"]}}
+        return JSONResponse(body, status_code=202, headers=location)
+    if status == FAILED:
+        error = job["error"] or {}
+        extra = {k: v for k, v in error.items() if k not in ("type", "title", "status", "detail", "field", "pointer")}
+        slug = str(error.get("type", "urn:merc:problem:job-internal")).rsplit(":", 1)[-1]
+        code = error_status(error)
+        raise Problem(code, slug, error.get("detail", "the append failed"), field=error.get("field"), **extra)
+    return JSONResponse({"id": str(job_id), **job["result"]})
 
 
-def _append(job_id: str, new: AppendIn, settings: Settings, store: JobStore) -> dict:
-    job = store.get(job_id)
-    if job is None:
-        raise Problem(404, "unknown-conversation", f"no conversation {job_id}", field="job_id")
+def _queue_append(job_id: str, new: AppendIn, settings: Settings, store: JobStore) -> str:
+    """Checks that need no lock (the conversation exists and succeeded, sizes), then an append job."""
+    job = _conversation(store, job_id)
     if job["status"] != SUCCEEDED:
         detail = f"the conversation is {job['status']}; turns can be appended once it has succeeded"
         raise Problem(409, "not-finished", detail, field="job_id")
-    existing = [u["id"] for u in job["result"]["utterances"]]
-    if len(existing) + len(new.utterances) > settings.max_utterances:
-        raise Problem(
-            422,
-            "too-many-utterances",
-            f"the conversation would exceed {settings.max_utterances} utterances",
-            field="utterances",
-        )
-    submit.check_utterances(new.utterances, settings, taken_ids=set(existing))
-    predictor = submit.resolve_model(job["model"], settings)
-    submit.check_features(new.utterances, predictor)
+    if job["n_utterances"] + len(new.utterances) > settings.max_utterances:
+        detail = f"the conversation would exceed {settings.max_utterances} utterances"
+        raise Problem(422, "too-many-utterances", detail, field="utterances")
+    submit.check_utterances(new.utterances, settings)
+    bundle = submit.resolve_model(job["model"], settings)
+    submit.check_features(new.utterances, bundle)
     submit.check_something_to_score(new.utterances, has_media=False)
     raw = [u.model_dump(exclude_none=True) for u in new.utterances]
-    for i, u in enumerate(raw):
-        u.setdefault("id", f"utt{len(existing) + i}")
-    try:
-        conv = parse_conversation({"id": job_id, "utterances": raw}, "utterances")
-        return append_utterances(store, job_id, conv, settings)
-    except DataError as e:
-        raise Problem(422, "invalid-request", str(e), field="utterances") from e
-    except LookupError:
-        raise Problem(
-            409, "not-finished", "the conversation changed or was deleted meanwhile", field="job_id"
-        ) from None
+    return create_append(store, job_id, bundle.name, raw)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse, Response
 
 from service import metrics
 from service.api.deps import SettingsDep, StoreDep, WorkerDep
 from service.api.errors import Problem
-from service.worker import loaded_models
 
 router = APIRouter(tags=["health"])
+_NOT_READY = {
+    503: {"description": "not ready (the failing checks are named)", "content": {"application/problem+json": {}}}
+}
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -17,21 +23,39 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: the default model is loaded and the worker is alive")
-def readyz(settings: SettingsDep, store: StoreDep, worker: WorkerDep) -> dict:
-    loaded = loaded_models()
-    checks = {
-        "default_model_loaded": settings.default_model in loaded,
-        "worker_alive": worker is None or worker.alive(),
-    }
+@router.get(
+    "/readyz",
+    summary="Readiness: a worker can run jobs (its default model loaded, or a live distributed worker)",
+    responses=_NOT_READY,
+)
+async def readyz(request: Request, settings: SettingsDep, store: StoreDep, worker: WorkerDep) -> dict[str, Any]:
+    """Single process: the in-process worker runs and its child loaded the default model
+    (MERC_WORKERS=0 is never ready). Distributed: at least one worker's heartbeat is live."""
+    if getattr(request.app.state, "distributed", False):
+        live = await run_in_threadpool(store.live_workers)
+        checks = {"workers_alive": bool(live)}
+        loaded, worker_state = [], f"{len(live)} distributed worker(s)"
+    else:
+        loaded = worker.loaded_models() if worker is not None else []
+        checks = {
+            "worker_alive": worker is not None and worker.alive(),
+            "default_model_loaded": settings.default_model in loaded,
+        }
+        worker_state = f"{worker.n_threads} thread(s)" if worker is not None else "none (MERC_WORKERS=0)"
     if not all(checks.values()):
         failing = ", ".join(k for k, ok in checks.items() if not ok)
         raise Problem(503, "not-ready", f"not ready: {failing}", checks=checks)
-    worker_state = "external" if worker is None else f"{worker.n_threads} thread(s)"
-    return {"status": "ready", "models": loaded, "worker": worker_state, "queue": store.depth(), "checks": checks}
+    depth = await run_in_threadpool(store.depth)
+    return {"status": "ready", "models": loaded, "worker": worker_state, "queue": depth, "checks": checks}
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-def prometheus() -> Response:
-    metrics.MODELS_LOADED.set(len(loaded_models()))
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {metrics.CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
+def prometheus(request: Request) -> Response:
+    worker = getattr(request.app.state, "worker", None)
+    metrics.MODELS_LOADED.set(len(worker.loaded_models()) if worker is not None else 0)
     return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)

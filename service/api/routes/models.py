@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
-from models.bundle import BundleError, read_manifest
 from service.api.deps import SettingsDep, require_api_key
 from service.api.schemas import ModelsOut
-from service.api.submit import bundle_names
-from service.worker import loaded_models
+from service.catalogue import CatalogueError, bundle_info, bundle_names
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1/models",
+    tags=["models"],
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"description": "missing or bad API key", "content": {"application/problem+json": {}}}},
+)
 
 
 def describe(name: str, manifest: dict[str, Any], default: str, loaded: list[str]) -> dict[str, Any]:
@@ -33,12 +35,13 @@ def describe(name: str, manifest: dict[str, Any], default: str, loaded: list[str
 
 
 @router.get("", response_model=ModelsOut, summary="Bundles available to the `model` field")
-def list_models(settings: SettingsDep) -> dict[str, Any]:
-    loaded = loaded_models()
+def list_models(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    worker = getattr(request.app.state, "worker", None)
+    loaded = worker.loaded_models() if worker is not None else []
     out = []
-    for name in bundle_names(settings):
+    for name in bundle_names(settings.weights_dir):
         try:
-            out.append(describe(name, read_manifest(Path(settings.weights_dir) / name), settings.default_model, loaded))
-        except BundleError:
+            out.append(describe(name, bundle_info(name, settings.weights_dir).manifest, settings.default_model, loaded))
+        except CatalogueError:
             continue
     return {"default": settings.default_model, "models": out}

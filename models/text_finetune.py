@@ -1,0 +1,451 @@
+"""Fine-tuning a transformer text encoder on conversations: context windows, the classifier, training.
+
+Each utterance is encoded as a *pair*: segment A is the target turn (``"Speaker: text"``), segment B
+its context window: the next turns (only where the whole conversation is known) and the previous
+turns, nearest first, so that truncation (``only_second``, from the right) drops the farthest past
+first. Labels never enter the input. The pooled vector is the mean over segment A's tokens (the
+target), or the first token (``cls``); it is the feature the fusion models read, and a linear head on
+it is the encoder's own classifier.
+
+Parameter-efficient: LoRA adapters (``peft``) over the frozen base weights by default, so a bundle
+carries a few MB, not a copy of the encoder. ``adapter="full"`` trains every weight instead (and
+saves the whole encoder).
+
+Pure PyTorch + transformers/peft: never imports ``service/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.data import Conversation
+from models.metrics import classification_metrics
+
+__all__ = [
+    "ContextWindow",
+    "FineTuneConfig",
+    "TextClassifier",
+    "conversation_pairs",
+    "finetune_text_encoder",
+    "window_pairs",
+]
+
+POOLINGS = ("target-mean", "cls")
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """Which turns surround the target in the encoder input.
+
+    Defaults: two past turns, no future. Past-only windows make the input of an utterance the same
+    whether the conversation came whole (a batch job) or turn by turn (a chat, where later turns do
+    not exist yet): no train/serve skew, and an appended turn never changes earlier features. Two
+    turns keep a MELD input near 45 tokens (CPU cost grows with tokens); docs/results.md has the
+    window ablation on dev.
+
+    Attributes:
+        past: previous turns (nearest first in the input).
+        future: following turns; used only when the whole conversation is known (``future_known``).
+        speaker: prefix every turn with ``"Speaker: "``.
+        max_length: token limit of the pair (the context is truncated first).
+    """
+
+    past: int = 2
+    future: int = 0
+    speaker: bool = True
+    max_length: int = 96
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContextWindow:
+        return cls(**{k: data[k] for k in ("past", "future", "speaker", "max_length") if k in data})
+
+
+def _turn(speaker: str | None, text: str, with_speaker: bool) -> str:
+    return f"{speaker}: {text}" if with_speaker and speaker else text
+
+
+def window_pairs(
+    speakers: Sequence[str | None],
+    texts: Sequence[str | None],
+    window: ContextWindow,
+    future_known: bool = True,
+    first: int = 0,
+) -> list[tuple[str, str] | None]:
+    """Encoder inputs of one conversation: per utterance ``(target, context)`` or None (no text).
+
+    Args:
+        speakers, texts: the conversation's turns in order (``n`` each); absent texts are skipped as
+            targets and as context.
+        window: sizes and speaker prefix.
+        future_known: False (a live chat: later turns may come) forbids future turns whatever ``window`` says.
+        first: utterances before ``first`` get None (they serve only as context, e.g. an append).
+
+    Returns:
+        ``n`` entries; ``context`` is ``"next: ... || before: ..."`` (either part may be missing, or "").
+    """
+    turns = [
+        _turn(s, t.strip(), window.speaker) if isinstance(t, str) and t.strip() else None
+        for s, t in zip(speakers, texts, strict=True)
+    ]
+    present = [i for i, t in enumerate(turns) if t is not None]
+    pos = {i: k for k, i in enumerate(present)}
+    n_future = window.future if future_known else 0
+    out: list[tuple[str, str] | None] = []
+    for i, target in enumerate(turns):
+        if target is None or i < first:
+            out.append(None)
+            continue
+        k = pos[i]
+        before = [turns[j] for j in reversed(present[max(0, k - window.past) : k])] if window.past else []
+        after = [turns[j] for j in present[k + 1 : k + 1 + n_future]]
+        parts = []
+        if after:
+            parts.append("next: " + " | ".join(after))  # type: ignore[arg-type]
+        if before:
+            parts.append("before: " + " | ".join(before))  # type: ignore[arg-type]
+        out.append((target, " || ".join(parts)))  # type: ignore[arg-type]
+    return out
+
+
+def conversation_pairs(
+    convs: Sequence[Conversation], window: ContextWindow, future_known: bool = True
+) -> list[list[tuple[str, str] | None]]:
+    """:func:`window_pairs` of every conversation."""
+    return [
+        window_pairs([u.speaker for u in c.utterances], [u.text for u in c.utterances], window, future_known)
+        for c in convs
+    ]
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class TextClassifier(nn.Module):
+    """Encoder (optionally with LoRA adapters) + pooling + dropout + linear head.
+
+    ``forward(batch)`` takes a tokenized batch (``input_ids``, ``attention_mask``, optional
+    ``token_type_ids``, and ``target_mask`` (B, T) marking segment A) and returns
+    ``(pooled (B, H), logits (B, C))``.
+    """
+
+    def __init__(self, encoder: nn.Module, hidden: int, n_classes: int, pooling: str, dropout: float = 0.1) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.encoder, self.pooling = encoder, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def pool(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled target vectors (B, H) in float32."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = self.encoder(**inputs).last_hidden_state.float()  # (B, T, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["target_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(batch)
+        return pooled, self.head(self.dropout(pooled))
+
+
+def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize ``(target, context)`` pairs; adds ``target_mask`` (B, T): 1 on segment A's real tokens."""
+    firsts = [p[0] for p in pairs]
+    seconds = [p[1] if p[1] else None for p in pairs]
+    if all(s is None for s in seconds):
+        enc = tokenizer(firsts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    else:
+        seconds = [s or "" for s in seconds]
+        enc = tokenizer(
+            firsts, seconds, padding=True, truncation="longest_first", max_length=max_length, return_tensors="pt"
+        )
+    target = torch.zeros_like(enc["input_ids"])
+    for b in range(len(pairs)):
+        ids = enc.sequence_ids(b)
+        for t, s in enumerate(ids):
+            if s == 0:
+                target[b, t] = 1
+    batch = dict(enc)
+    batch["target_mask"] = target
+    return batch
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class FineTuneConfig:
+    """Hyperparameters of one fine-tune (recorded in the bundle's manifest).
+
+    Defaults follow the recipes in the issue: lr 5e-5 full / 5e-4 LoRA for the encoder, 1e-3 head,
+    batch 16, early stopping on dev weighted F1.
+    """
+
+    window: ContextWindow = field(default_factory=ContextWindow)
+    pooling: str = "target-mean"
+    adapter: str = "lora"  # "lora" | "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_layers: int | None = None  # adapters on the top N layers only (None = all): cheaper backward on CPU
+    lr: float = 5e-4
+    head_lr: float = 2e-3
+    weight_decay: float = 0.01
+    epochs: int = 3
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup: float = 0.06
+    patience: int = 2
+    evals_per_epoch: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps (tests, smoke runs)
+    seed: int = 0
+    amp: bool = True  # autocast on CUDA only
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["window"] = self.window.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FineTuneConfig:
+        data = dict(data)
+        data["window"] = ContextWindow.from_dict(data.get("window", {}))
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+LORA_TARGETS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "mpnet": ["q", "k", "v", "o", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+def lora_targets(encoder: nn.Module) -> list[str]:
+    """Names of the linear layers LoRA wraps: attention projections and the feed-forward layers."""
+    kind = getattr(getattr(encoder, "config", None), "model_type", "bert")
+    if kind in LORA_TARGETS:
+        return LORA_TARGETS[kind]
+    return sorted({n.split(".")[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)})
+
+
+def wrap_encoder(encoder: nn.Module, cfg: FineTuneConfig) -> nn.Module:
+    """The encoder to train: LoRA-wrapped (base frozen) or itself (full fine-tune)."""
+    if cfg.adapter == "full":
+        return encoder
+    if cfg.adapter != "lora":
+        raise ValueError(f"adapter must be 'lora' or 'full', got {cfg.adapter!r}")
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = int(getattr(encoder.config, "num_hidden_layers", 0) or 0)
+    layers = None
+    if cfg.lora_layers is not None and n_layers:
+        layers = list(range(max(0, n_layers - cfg.lora_layers), n_layers))
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(encoder),
+        layers_to_transform=layers,
+    )
+    return get_peft_model(encoder, lora)
+
+
+def _batches(n: int, lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed, shuffled batches of indices (little padding, random order)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    chunk = batch_size * 50
+    batches = []
+    for s in range(0, n, chunk):
+        part = sorted(order[s : s + chunk], key=lambda i: lengths[i])
+        batches.extend(part[k : k + batch_size] for k in range(0, len(part), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def predict_pairs(
+    model: TextClassifier,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    device: str,
+    batch_size: int = 64,
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pooled (N, H) float32, probabilities (N, C) float32)`` for ``pairs``, in order."""
+    model.eval()
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    pooled = np.zeros((len(pairs), model.head.in_features), np.float32)
+    probs = np.zeros((len(pairs), model.head.out_features), np.float32)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in tokenize_pairs(tokenizer, [pairs[i] for i in idx], max_length).items()}
+        with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
+            vec, logits = model(batch)
+        pooled[idx] = vec.float().cpu().numpy()
+        probs[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
+    return pooled, probs
+
+
+def _flatten(
+    pairs: Sequence[Sequence[tuple[str, str] | None]], labels: Sequence[Sequence[int]] | None
+) -> tuple[list[tuple[str, str]], list[int]]:
+    flat, ys = [], []
+    for c, conv in enumerate(pairs):
+        for u, p in enumerate(conv):
+            if p is not None and (labels is None or labels[c][u] >= 0):
+                flat.append(p)
+                ys.append(labels[c][u] if labels is not None else -1)
+    return flat, ys
+
+
+def finetune_text_encoder(
+    encoder: nn.Module,
+    tokenizer: Any,
+    hidden: int,
+    train: tuple[Sequence[Sequence[tuple[str, str] | None]], Sequence[Sequence[int]]],
+    dev: tuple[Sequence[Sequence[tuple[str, str] | None]], Sequence[Sequence[int]]],
+    labels: Sequence[str],
+    cfg: FineTuneConfig,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = print,
+    show_bar: bool = True,
+) -> tuple[TextClassifier, list[dict[str, Any]]]:
+    """Fine-tune ``encoder`` + a linear head for utterance classification; keep the best dev state.
+
+    ``train`` / ``dev`` are (pairs per conversation, label index per utterance (-1 = unlabelled)).
+    Selection: dev weighted F1, evaluated ``evals_per_epoch`` times per epoch; early stop after
+    ``patience`` evaluations without improvement. Returns the model in its best state (eval mode) and
+    the history (one dict per evaluation).
+    """
+    from tqdm import tqdm
+
+    seed_everything(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model = TextClassifier(wrap_encoder(encoder, cfg), hidden, len(labels), cfg.pooling).to(device)
+    x_train, y_train = _flatten(*train)
+    x_dev, y_dev = _flatten(*dev)
+    lengths = [len(a) + len(b) for a, b in x_train]
+    steps_per_epoch = math.ceil(math.ceil(len(x_train) / cfg.batch_size) / cfg.grad_accum)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    enc_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    optim = torch.optim.AdamW(
+        [{"params": enc_params, "lr": cfg.lr}, {"params": model.head.parameters(), "lr": cfg.head_lr}],
+        weight_decay=cfg.weight_decay,
+    )
+    warm = max(1, int(cfg.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm))
+    )
+    use_amp = cfg.amp and device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    loss_fn = nn.CrossEntropyLoss()
+    history: list[dict[str, Any]] = []
+    best, best_state, bad, step = -1.0, None, 0, 0
+    eval_every = max(1, math.ceil(len(x_train) / cfg.batch_size / cfg.evals_per_epoch))
+    started = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        batches = _batches(len(x_train), lengths, cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_bar)
+        for b, idx in enumerate(bar):
+            batch = tokenize_pairs(tokenizer, [x_train[i] for i in idx], cfg.window.max_length)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            target = torch.tensor([y_train[i] for i in idx], device=device)
+            with torch.autocast("cuda", enabled=use_amp):
+                _, logits = model(batch)
+                loss = loss_fn(logits.float(), target) / cfg.grad_accum
+            scaler.scale(loss).backward()
+            if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
+                scaler.unscale_(optim)
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(optim)
+                scaler.update()
+                optim.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+            bar.set_postfix(loss=f"{loss.item() * cfg.grad_accum:.3f}")
+            done = cfg.max_steps is not None and step >= cfg.max_steps
+            if (b + 1) % eval_every == 0 or b + 1 == len(batches) or done:
+                _, probs = predict_pairs(model, tokenizer, x_dev, cfg.window.max_length, device, amp=use_amp)
+                m = classification_metrics(np.array(y_dev), probs.argmax(1), labels)
+                rec = {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "dev_weighted_f1": m["weighted_f1"],
+                    "dev_accuracy": m["accuracy"],
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+                history.append(rec)
+                if progress:
+                    progress(json.dumps(rec))
+                if m["weighted_f1"] > best:
+                    best, bad = m["weighted_f1"], 0
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                else:
+                    bad += 1
+                model.train()
+                if bad >= cfg.patience or done:
+                    break
+        if bad >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+def save_adapter(model: TextClassifier, cfg: FineTuneConfig, out: str | Path, base: dict[str, Any]) -> Path:
+    """Write the trained parts into ``out``: the adapter (or full encoder), the head and ``finetune.json``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.adapter == "lora":
+        model.encoder.save_pretrained(str(out / "adapter"))
+    else:
+        model.encoder.save_pretrained(str(out / "encoder"))
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+    meta = {"base": base, "config": cfg.to_dict(), "hidden": model.head.in_features, "classes": model.head.out_features}
+    (out / "finetune.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_classifier(encoder: nn.Module, directory: str | Path, merge: bool = True) -> TextClassifier:
+    """The classifier saved by :func:`save_adapter` over ``encoder`` (the base model); LoRA merged for speed."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = json.loads((directory / "finetune.json").read_text())
+    cfg = FineTuneConfig.from_dict(meta["config"])
+    if cfg.adapter == "lora":
+        from peft import PeftModel
+
+        wrapped = PeftModel.from_pretrained(encoder, str(directory / "adapter"))
+        encoder = wrapped.merge_and_unload() if merge else wrapped
+    model = TextClassifier(encoder, int(meta["hidden"]), int(meta["classes"]), cfg.pooling)
+    model.head.load_state_dict(load_file(str(directory / "head.safetensors")))
+    return model.eval()

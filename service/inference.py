@@ -1,0 +1,205 @@
+"""Inference for jobs: features and scores of one conversation, run inside the job's child process.
+
+This is the only part of the job path that imports torch and loads bundles. It works on a
+job's files (``jobs/<id>/request.json``, media, ``features.npz``) and returns results and
+features to the job runner (``service.worker``), which owns the store, locks and
+transitions. ``service.sandbox`` calls these functions in a child process it can kill when
+a job runs past ``MERC_JOB_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from models.data import Conversation, parse_conversation
+from service import metrics
+from service.datasets import INLINE
+from service.features.registry import extractor_for
+from service.jobfiles import load_features, save_features, write_json
+from service.pipeline import MediaInput, extract_features, supplied_modalities, transcribe_media
+from service.pipeline import score as pipeline_score
+from service.predictor import FeatureLists, Predictor
+from service.settings import Settings
+
+log = logging.getLogger("merc.inference")
+
+_PREDICTORS: dict[tuple[str, str, str], Predictor] = {}
+_PREDICTOR_LOCK = threading.Lock()
+
+
+class JobInputError(ValueError):
+    """A job whose stored inputs cannot be processed (reported as the job's error)."""
+
+
+def get_predictor(name: str, settings: Settings) -> Predictor:
+    """The bundle ``name`` loaded once per process."""
+    key = (name, str(settings.weights_dir), settings.device)
+    with _PREDICTOR_LOCK:
+        if key not in _PREDICTORS:
+            started = time.perf_counter()
+            _PREDICTORS[key] = Predictor(name, device=settings.device, weights_dir=settings.weights_dir)
+            metrics.STAGE_SECONDS.labels("load_model").observe(time.perf_counter() - started)
+        return _PREDICTORS[key]
+
+
+def warm_up(predictor: Predictor, settings: Settings) -> None:
+    """Load the extractors a bundle's feature spec names now, not on the first request."""
+    for m, entry in predictor.feature_spec.items():
+        if entry["version"] == INLINE:
+            continue
+        try:
+            extractor = extractor_for(m, entry, settings.device)
+        except ValueError as e:  # a spec this host cannot satisfy: jobs will report it per modality
+            log.warning("bundle %s: %s", predictor.name, e)
+            continue
+        if hasattr(extractor, "load"):
+            extractor.load()
+
+
+def preload(settings: Settings) -> list[str]:
+    """Load the default bundle and MERC_PRELOAD with their extractors; the names loaded."""
+    for name in dict.fromkeys([settings.default_model, *settings.preload]):
+        try:
+            warm_up(get_predictor(name, settings), settings)
+        except Exception:  # a missing bundle fails its jobs, with the reason, not the worker
+            log.exception("could not load bundle %s", name)
+    return loaded_models()
+
+
+def loaded_models() -> list[str]:
+    return sorted({key[0] for key in _PREDICTORS})
+
+
+# ---------------------------------------------------------------- features and scoring
+
+
+def score(
+    predictor: Predictor,
+    conv: Conversation,
+    features: FeatureLists,
+    media: MediaInput,
+    timings: dict,
+    transcript: dict | None = None,
+) -> dict:
+    """The result document (see service.pipeline.score); refuses non-finite probabilities."""
+    result = pipeline_score(predictor, conv, features, supplied_modalities(conv, media), timings, transcript)
+    check_finite(result)
+    for stage, seconds in result["timings"].items():
+        if seconds > 0:  # stages that did not run this time (no media) are not observed
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+    return result
+
+
+def check_finite(result: dict[str, Any]) -> None:
+    """JobInputError when a distribution holds NaN or infinity (out-of-range inputs overflow the model)."""
+    for u in result["utterances"]:
+        if not all(math.isfinite(p) for p in u["distribution"].values()):
+            raise JobInputError(
+                f"the model produced non-finite probabilities for utterance {u['index']} ({u['id']}): "
+                "its inputs are out of the range the bundle was trained on"
+            )
+
+
+def media_input(job_dir: Path, desc: dict[str, Any]) -> MediaInput:
+    """The uploaded files of a job, as stored in its request.json ``media``."""
+    return MediaInput(
+        video=job_dir / desc["video"]["file"] if "video" in desc else None,
+        audio=job_dir / desc["audio"]["file"] if "audio" in desc else None,
+        video_has_audio=bool(desc.get("video", {}).get("has_audio")),
+    )
+
+
+def read_request(job_dir: Path) -> dict[str, Any]:
+    """A job's stored request.json."""
+    try:
+        return json.loads((job_dir / "request.json").read_text())
+    except (OSError, ValueError) as e:
+        raise JobInputError(f"job inputs are missing or unreadable ({type(e).__name__})") from None
+
+
+# ---------------------------------------------------------------- the two kinds of work
+
+
+def run_conversation_job(job_dir: str, model: str, settings: Settings) -> dict[str, Any]:
+    """A whole conversation: {"result": the result document}; features.npz written for later appends."""
+    folder = Path(job_dir)
+    request = read_request(folder)
+    media = media_input(folder, request.get("media") or {})
+    asr = transcribe_job(folder, request, media, settings.device)
+    conv = parse_conversation(request["conversation"], "transcript")
+    predictor = get_predictor(model, settings)
+    features, timings = extract_features(
+        conv, predictor.feature_spec, media if media.video or media.audio else None, settings.device
+    )
+    result = score(predictor, conv, features, media, {**asr, **timings}, request.get("transcript"))
+    if folder.is_dir():
+        save_features(folder / "features.npz", features, len(conv.utterances))
+    return {"result": result}
+
+
+def transcribe_job(folder: Path, request: dict[str, Any], media: MediaInput, device: str) -> dict[str, float]:
+    """Speech recognition for a job that came without a transcript (``request["transcribe"]``).
+
+    request.json gets the recognised utterances and the result's ``transcript`` entry, so that
+    appends and retries see them; returns {"asr": seconds}, or {} when a transcript came.
+    """
+    if not request.get("transcribe"):
+        return {}
+    conv, info = transcribe_media(request["conversation"].get("id", folder.name), media, device)
+    seconds = info.pop("seconds")
+    keys = ("id", "speaker", "text", "start", "end")
+    request["conversation"]["utterances"] = [{k: getattr(u, k) for k in keys} for u in conv.utterances]
+    request["transcript"] = info
+    del request["transcribe"]
+    if folder.is_dir():
+        write_json(folder / "request.json", request)
+    return {"asr": seconds}
+
+
+def run_append(job_dir: str, model: str, conversation: dict[str, Any], first: int, settings: Settings) -> dict:
+    """New turns scored in the context of the old ones, whose stored features are reused.
+
+    ``conversation`` holds the old turns (``< first``) followed by the new ones. Returns
+    {"result": the whole conversation's result, "features": modality -> one vector or None
+    per utterance}; the caller (holding the conversation's lock) writes them.
+    """
+    folder = Path(job_dir)
+    request = read_request(folder)
+    conv = parse_conversation(conversation, "utterances")
+    media = media_input(folder, request.get("media") or {})
+    predictor = get_predictor(model, settings)
+    old = load_features(folder / "features.npz")
+    fresh, timings = _extract_new(conv, predictor, first, settings)
+    n = len(conv.utterances)
+    features = {m: _pad(old.get(m), first) + (fresh.get(m) or [None] * n)[first:] for m in predictor.modalities}
+    result = score(predictor, conv, features, media, timings, request.get("transcript"))
+    return {"result": result, "features": features}
+
+
+def _pad(vectors: list | None, n: int) -> list:
+    """The first ``n`` stored vectors (None where fewer were stored)."""
+    vectors = list(vectors or [])[:n]
+    return vectors + [None] * (n - len(vectors))
+
+
+def _extract_new(conv: Conversation, predictor: Predictor, first: int, settings: Settings) -> tuple[dict, dict]:
+    """Features of utterances ``first..`` computed with the whole conversation as context.
+
+    Uses ``extract_features(..., first=first)`` (context-aware text features) when the pipeline
+    has it; otherwise encodes the new turns alone. Lists cover every utterance (None below ``first``).
+    """
+    try:
+        return extract_features(conv, predictor.feature_spec, MediaInput(), settings.device, first=first)
+    except TypeError as e:
+        if "first" not in str(e):
+            raise
+    tail = replace(conv, utterances=conv.utterances[first:])
+    fresh, timings = extract_features(tail, predictor.feature_spec, None, settings.device)
+    return {m: [None] * first + list(v) for m, v in fresh.items()}, timings

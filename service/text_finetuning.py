@@ -1,0 +1,159 @@
+"""`merc finetune-text`: fine-tune a packaged (or local / Hugging Face) text encoder on a dataset folder.
+
+Writes a reusable *text extractor* directory::
+
+    OUT/adapter/              LoRA adapter (peft) over the base weights (or encoder/ for a full fine-tune)
+    OUT/head.safetensors      the linear emotion head (the encoder's own classifier)
+    OUT/finetune.json         base encoder + version, context window, pooling, labels, config,
+                              dev metrics, history, seconds per epoch, the reproducing command
+
+Bundles name it in their text feature spec (see :mod:`service.features.finetuned`) with the
+content hash of those files, so changed or missing files are refused, never silently used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from models.data import DataError, read_dataset_info, read_jsonl
+from models.text_finetune import ContextWindow, FineTuneConfig, conversation_pairs, finetune_text_encoder, save_adapter
+
+
+def _labels_of(convs, labels: list[str]) -> list[list[int]]:
+    index = {label: i for i, label in enumerate(labels)}
+    return [[index.get(u.label, -1) if u.label is not None else -1 for u in c.utterances] for c in convs]
+
+
+def finetune_text(
+    data: Path,
+    base: str,
+    out: Path,
+    cfg: FineTuneConfig,
+    device: str = "auto",
+    progress: bool = True,
+    command: str = "",
+    cache_features: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``base`` for utterance emotion classification on ``data``; returns the finetune.json dict."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.train import resolve_device
+    from service.features.finetuned import extractor_hash
+    from service.features.text import _resolve_source
+
+    info = read_dataset_info(data)
+    labels = list(info["labels"])
+    train = read_jsonl(Path(data) / "train.jsonl")
+    dev = read_jsonl(Path(data) / "dev.jsonl")
+    if not train or not dev:
+        raise DataError(f"{data}: fine-tuning needs non-empty train.jsonl and dev.jsonl")
+    dev_name = str(resolve_device(device))
+    source = _resolve_source(base, None)
+    directory = Path(source.locate())
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    started = time.perf_counter()
+    model, history = finetune_text_encoder(
+        encoder,
+        tokenizer,
+        source.dim,
+        (conversation_pairs(train, cfg.window), _labels_of(train, labels)),
+        (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
+        labels,
+        cfg,
+        device=dev_name,
+        progress=(lambda s: print(s, flush=True)) if progress else None,
+        show_bar=progress,
+    )
+    seconds = time.perf_counter() - started
+    base_info = {"name": source.extractor, "version": source.version, "dim": source.dim}
+    save_adapter(model.to("cpu"), cfg, out, base_info)
+    meta = json.loads((Path(out) / "finetune.json").read_text())
+    epochs_run = max(h["epoch"] for h in history) if history else 0
+    meta.update(
+        labels=labels,
+        dataset=info.get("name", Path(data).name),
+        best_dev=max(history, key=lambda h: h["dev_weighted_f1"]) if history else None,
+        history=history,
+        seconds=round(seconds, 1),
+        seconds_per_epoch=round(seconds / max(1, epochs_run), 1),
+        device=dev_name,
+        torch_threads=torch.get_num_threads(),
+        command=command,
+    )
+    (Path(out) / "finetune.json").write_text(json.dumps(meta, indent=2))
+    meta["sha256"] = extractor_hash(out)
+    if cache_features:
+        _warm_cache(out, [train, dev], dev_name)
+    return meta
+
+
+def _warm_cache(directory: Path, splits, device: str) -> None:
+    """Encode train and dev with the saved extractor (the serving code path) into the embedding cache."""
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+
+    entry = spec_entry(directory, Path(directory).name)
+    encoder = FinetunedTextEncoder(entry, Path(directory), device)
+    for convs in splits:
+        encoder.conversation_vectors(convs, future_known=True)
+
+
+def window_from_options(past: int, future: int, speaker: bool, max_length: int) -> ContextWindow:
+    """The context window of the command-line options (validated)."""
+    if past < 0 or future < 0 or max_length < 8:
+        raise ValueError("--past/--future must be >= 0 and --max-length >= 8")
+    return ContextWindow(past=past, future=future, speaker=speaker, max_length=max_length)
+
+
+def is_finetune_option(text_encoder: str | None) -> bool:
+    """``finetune:BASE`` or a directory holding a fine-tuned extractor (finetune.json)."""
+    if not text_encoder:
+        return False
+    return text_encoder.startswith("finetune:") or (Path(text_encoder) / "finetune.json").is_file()
+
+
+def prepare_finetuned_text(
+    spec: dict[str, dict[str, Any]],
+    text_encoder: str,
+    data_dir: Path,
+    out_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Put the fine-tuned text extractor into ``out_dir/text_encoder`` (fine-tuning it first for
+    ``finetune:BASE``, copying a given extractor directory otherwise).
+
+    Returns ``(spec to compute features with (absolute adapter path), spec for the manifest (relative))``.
+    """
+    import shutil
+
+    from service.features.finetuned import spec_entry
+
+    target = Path(out_dir) / "text_encoder"
+    if text_encoder.startswith("finetune:"):
+        base = text_encoder.split(":", 1)[1]
+        values = {**FineTuneConfig().to_dict(), **(overrides or {})}
+        window = {
+            **values["window"],
+            **{k: values.pop(k) for k in ("past", "future", "speaker", "max_length") if k in values},
+        }
+        cfg = FineTuneConfig.from_dict({**values, "window": window})
+        if target.exists():
+            shutil.rmtree(target)
+        finetune_text(data_dir, base, target, cfg, device, progress, command="(merc train --text-encoder)")
+        name = f"{Path(data_dir).name}-{base.replace('/', '_')}"
+    else:
+        source = Path(text_encoder).resolve()
+        if source != target.resolve():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
+        name = source.name
+    relative = spec_entry(target, name, relative_to=out_dir)
+    absolute = {**relative, "adapter": str(target.resolve())}
+    return {**spec, "text": absolute}, {**spec, "text": relative}

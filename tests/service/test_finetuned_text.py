@@ -1,0 +1,171 @@
+"""The fine-tuned, context-aware text encoder end to end on CPU: fine-tune, bundle, refuse, serve.
+
+A tiny synthetic dataset (three unmistakable classes) over the packaged MiniLM: a few LoRA steps must
+fit it; the saved extractor must reproduce the in-memory model's features; a bundle whose adapter
+changed must be refused; ``merc serve`` must serve the bundle, append included.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.data import DataError, read_jsonl
+from models.text_finetune import ContextWindow, FineTuneConfig, conversation_pairs, predict_pairs
+
+LABELS = ["neutral", "joy", "anger"]
+LINES = {
+    "joy": ["I love this, it is wonderful!", "What a fantastic day, I am so happy!"],
+    "anger": ["I hate this, it is terrible!", "Get out, you make me furious!"],
+    "neutral": ["The train leaves at noon.", "The report is on the desk."],
+}
+
+
+def _write_dataset(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    convs = []
+    for c in range(4):
+        utts = []
+        for i, label in enumerate(["joy", "neutral", "anger", "neutral", "joy", "anger"]):
+            text = LINES[label][(c + i) % 2]
+            utts.append({"id": f"c{c}u{i}", "speaker": ["Ann", "Bob"][i % 2], "text": text, "label": label})
+        convs.append({"id": f"c{c}", "utterances": utts})
+    for split in ("train", "dev"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    (folder / "dataset.json").write_text(json.dumps({"name": "tiny3", "labels": LABELS, "modalities_inline": []}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """(dataset folder, extractor folder, the in-memory fine-tuned classifier)."""
+    pytest.importorskip("peft")
+    from service.text_finetuning import finetune_text
+
+    root = tmp_path_factory.mktemp("ft")
+    data = _write_dataset(root / "tiny3")
+    cfg = FineTuneConfig(
+        window=ContextWindow(past=1, future=0, max_length=48),
+        lr=3e-3,
+        head_lr=3e-2,
+        epochs=12,
+        batch_size=8,
+        patience=100,
+        seed=0,
+    )
+    captured = {}
+    import service.text_finetuning as tf
+
+    original = tf.finetune_text_encoder
+
+    def keep(*args, **kwargs):
+        model, history = original(*args, **kwargs)
+        captured["model"] = model
+        return model, history
+
+    tf.finetune_text_encoder = keep
+    try:
+        meta = finetune_text(data, "minilm-l6-v2", root / "extractor", cfg, device="cpu", progress=False)
+    finally:
+        tf.finetune_text_encoder = original
+    assert meta["best_dev"]["dev_accuracy"] == 100.0, meta["history"]
+    return data, root / "extractor", captured["model"]
+
+
+def test_tiny_finetune_fits_and_reloads_identically(extractor) -> None:
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+
+    data, folder, model = extractor
+    convs = read_jsonl(data / "dev.jsonl")
+    window = ContextWindow(past=1, future=0, max_length=48)
+    pairs = [p for conv in conversation_pairs(convs, window) for p in conv if p]
+    from transformers import AutoTokenizer
+
+    from service.features.text import _resolve_source
+
+    tok = AutoTokenizer.from_pretrained(str(_resolve_source("minilm-l6-v2", None).locate()))
+    in_memory, probs = predict_pairs(model.to("cpu"), tok, pairs, 48, "cpu")
+    assert (probs.argmax(1) == [LABELS.index(u.label) for c in convs for u in c.utterances]).all()
+    loaded = FinetunedTextEncoder(spec_entry(folder, "tiny"), folder, "cpu", use_disk_cache=False)
+    vectors = loaded.conversation_vectors(convs)
+    flat = np.stack([v for conv in vectors for v in conv])
+    np.testing.assert_allclose(flat, in_memory, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bundle(extractor, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.training import train_bundle
+
+    data, folder, _ = extractor
+    weights = tmp_path_factory.mktemp("weights")
+    out = weights / "sdt-tiny3"
+    train_bundle(
+        "sdt", data, out, text_encoder=str(folder), train_overrides={"epochs": 3, "device": "cpu"}, progress=False
+    )
+    return out
+
+
+def test_bundle_carries_its_extractor_and_predicts(bundle: Path, extractor) -> None:
+    from service.pipeline import run_conversation
+    from service.predictor import Predictor
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["feature_spec"]["text"]
+    assert entry["extractor"].startswith("finetuned:") and entry["adapter"] == "text_encoder"
+    assert entry["context"] == {"past": 1, "future": 0, "speaker": True, "max_length": 48}
+    assert len(entry["adapter_sha256"]) == 64 and entry["base"] == "minilm-l6-v2"
+    convs = read_jsonl(extractor[0] / "dev.jsonl")
+    result = run_conversation(Predictor(bundle, "cpu"), convs[0], None, "cpu")
+    assert result["text_context"] == {"encoder": entry["extractor"], "past": 1, "future": 0, "speaker": True}
+    assert len(result["utterances"]) == 6 and all(u["modalities"] == ["text"] for u in result["utterances"])
+
+
+def test_changed_adapter_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from service.features.finetuned import get_finetuned_encoder
+    from service.predictor import Predictor
+
+    copy = tmp_path / "sdt-tampered"
+    shutil.copytree(bundle, copy)
+    head = copy / "text_encoder" / "head.safetensors"
+    raw = bytearray(head.read_bytes())
+    raw[-1] ^= 0xFF
+    head.write_bytes(bytes(raw))
+    predictor = Predictor(copy, "cpu")
+    with pytest.raises(DataError, match="differ from the ones the bundle was trained with"):
+        get_finetuned_encoder(predictor.feature_spec["text"], None, "cpu")
+    shutil.rmtree(copy / "text_encoder")
+    with pytest.raises(DataError, match="missing"):
+        get_finetuned_encoder(Predictor(copy, "cpu").feature_spec["text"], None, "cpu")
+
+
+def test_service_serves_the_finetuned_bundle_with_append(bundle: Path, tmp_path: Path) -> None:
+    from tests.api.conftest import Server
+
+    server = Server(
+        tmp_path / "data", tmp_path / "cache", MERC_WEIGHTS_DIR=str(bundle.parent), MERC_DEFAULT_MODEL=bundle.name
+    ).start()
+    try:
+        with server.client() as api:
+            turns = [{"speaker": "Ann", "text": LINES["joy"][0]}, {"speaker": "Bob", "text": LINES["anger"][0]}]
+            job = api.post("/v1/conversations?wait=60", json={"model": bundle.name, "utterances": turns})
+            assert job.status_code == 200, job.text
+            body = job.json()
+            assert body["status"] == "succeeded"
+            assert body["result"]["text_context"]["past"] == 1
+            new = api.post(
+                f"/v1/conversations/{body['id']}/utterances?wait=60",
+                json={"utterances": [{"speaker": "Ann", "text": LINES["neutral"][0]}]},
+            )
+            assert new.status_code == 200, new.text
+            appended = new.json()["utterances"]
+            assert [u["index"] for u in appended] == [2]
+            assert abs(sum(appended[0]["distribution"].values()) - 1) < 1e-4
+            full = api.get(f"/v1/conversations/{body['id']}").json()
+            assert full["result"]["text_context"]["future"] == 0
+            assert len(full["result"]["utterances"]) == 3
+    finally:
+        server.stop()
