@@ -12,7 +12,8 @@ time to other load on the machine, whose 1-minute load average is printed with e
   gray for the crops), audio cut in memory, openSMILE on a thread overlapping video decoding, MTCNN
   (facenet's networks, batched crops: service/features/mtcnn_batched.py) on 16-frame batches on a
   worker thread (also overlapping decoding), face CNN on all faces at once, text in one batch;
-* naive: per utterance, ffmpeg cuts a WAV and dumps every 10th frame as PNG, openSMILE reads the WAV
+* naive: per utterance, ffmpeg (or PyAV, where ffmpeg is not installed: the file reopened and decoded
+  again per utterance and stream) cuts a WAV and dumps every 10th frame as PNG, openSMILE reads the WAV
   file, MTCNN runs frame by frame, the face CNN face by face, the text encoder sentence by sentence.
 
 Both make the face and voice readings (service/readings.py) at equal work: ours in the same passes
@@ -91,6 +92,44 @@ def ours(convs: list[Conversation], video: Path, feature_spec: dict) -> dict[str
     return timings
 
 
+def naive_cut(video: Path, start: float, end: float, wav: Path, frames: Path, every: int, side: int) -> None:
+    """One utterance to files: a 16 kHz mono WAV and every ``every``-th frame as PNG at ``side`` pixels.
+
+    With ffmpeg on the PATH, two ffmpeg processes (the classic shell pipeline); without it, the same
+    with PyAV, the file opened, seeked and decoded again for each utterance and each stream."""
+    if shutil.which("ffmpeg"):
+        cut = ["ffmpeg", "-v", "error", "-y", "-ss", str(start), "-to", str(end), "-i", str(video)]
+        subprocess.run([*cut, "-vn", "-ac", "1", "-ar", "16000", str(wav)], check=True)
+        select = f"select=not(mod(n\\,{every})),scale=-2:{side}"
+        subprocess.run([*cut, "-an", "-vf", select, "-vsync", "vfr", str(frames / "f%04d.png")], check=True)
+        return
+    import av
+
+    with av.open(str(video)) as src, av.open(str(wav), "w") as out:
+        src.seek(int(start * 1e6))
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
+        stream = out.add_stream("pcm_s16le", rate=16000, layout="mono")
+        for frame in src.decode(audio=0):
+            if frame.time is not None and frame.time >= end:
+                break
+            if frame.time is not None and frame.time + frame.samples / frame.sample_rate >= start:
+                for piece in resampler.resample(frame):
+                    out.mux(stream.encode(piece))
+        out.mux(stream.encode(None))
+    with av.open(str(video)) as src:
+        src.seek(int(start * 1e6))
+        n = 0
+        for frame in src.decode(video=0):
+            if frame.time is None or frame.time < start:
+                continue
+            if frame.time >= end:
+                break
+            if n % every == 0:
+                img = frame.to_image()
+                img.resize((round(img.width * side / img.height), side)).save(frames / f"f{n // every + 1:04d}.png")
+            n += 1
+
+
 def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> dict[str, float]:
     """The per-utterance pipeline with files and ffmpeg subprocesses, same models and frame rate."""
     from PIL import Image
@@ -109,11 +148,7 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
         wav, frames = work / f"u{i}.wav", work / f"u{i}"
         frames.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        cut = ["ffmpeg", "-v", "error", "-y", "-ss", str(u.start), "-to", str(u.end), "-i", str(video)]
-        subprocess.run([*cut, "-vn", "-ac", "1", "-ar", "16000", str(wav)], check=True)
-        every = visual.options.frame_every
-        select = f"select=not(mod(n\\,{every})),scale=-2:{visual.options.short_side}"
-        subprocess.run([*cut, "-an", "-vf", select, "-vsync", "vfr", str(frames / "f%04d.png")], check=True)
+        naive_cut(video, u.start, u.end, wav, frames, visual.options.frame_every, visual.options.short_side)
         t1 = time.perf_counter()
         vectors.append(audio.smile.process_file(str(wav)).to_numpy(np.float32).reshape(-1))
         t2 = time.perf_counter()

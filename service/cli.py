@@ -171,6 +171,27 @@ def finetune_text_cmd(
     typer.echo(json.dumps({"extractor": str(out), "best_dev": meta["best_dev"], "sha256": meta["sha256"]}))
 
 
+@app.command("oof-text-features")
+def oof_text_features_cmd(
+    extractor: Annotated[Path, typer.Option(help="a fine-tuned text extractor folder (merc finetune-text)")],
+    data: Annotated[Path, typer.Option(help="the dataset folder it was fine-tuned on")],
+    folds: Annotated[int, typer.Option(help="K: fine-tunes on K-1 folds each")] = 2,
+    epochs: Annotated[int | None, typer.Option(help="epochs per fold [the extractor's config]")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Out-of-fold train features of a fine-tuned extractor (train fusion models with --set finetune.oof=true)."""
+    from service.text_finetuning import oof_features
+
+    if folds < 2:
+        _fail("--folds must be >= 2")
+    try:
+        path = oof_features(extractor, data, folds, device, not quiet, epochs)
+    except (DataError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"oof_features": str(path)}))
+
+
 @app.command("import-meld")
 def import_meld(
     csv_dir: Annotated[Path, typer.Argument(help="folder with MELD's train/dev/test_sent_emo.csv")],

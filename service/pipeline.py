@@ -136,12 +136,12 @@ def _visual(jobs: list[tuple[int, Path, list[Window]]], entry, device, outs: lis
         results = batch.finish()
     finally:
         batch.close()
+    from service.readings import face_readings
+
     for (k, session), vectors in zip(sessions, results, strict=True):
         if key != "face_reading":
             outs[k][key] = vectors
         if not extractor.r3d:
-            from service.readings import face_readings
-
             outs[k]["face_reading"] = face_readings(session.chosen, [len(f) for f in session.faces])
     timings["face_detection"] += batch.detection_seconds
     timings["face_cnn"] += batch.cnn_seconds
@@ -412,7 +412,8 @@ def text_context(entry: dict[str, Any] | None, future_known: bool = True) -> dic
         return None
     window = entry["context"]
     future = int(window.get("future", 0)) if future_known else 0
-    return {"encoder": entry["extractor"], "past": int(window["past"]), "future": future, "speaker": bool(window["speaker"])}
+    past, speaker = int(window["past"]), bool(window["speaker"])
+    return {"encoder": entry["extractor"], "past": past, "future": future, "speaker": speaker}
 
 
 def bundle_inputs(predictor: Predictor, conv: Conversation, features: Features) -> Features:

@@ -60,7 +60,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     """The child's loop: receive (function name, kwargs), answer ("ok", value) or ("error", ...)."""
-    pass  # _die_with_parent(parent_pid)
+    _die_with_parent(parent_pid)
     from service import inference
     from service.logging import setup_logging
 

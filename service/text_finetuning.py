@@ -157,3 +157,73 @@ def prepare_finetuned_text(
     relative = spec_entry(target, name, relative_to=out_dir)
     absolute = {**relative, "adapter": str(target.resolve())}
     return {**spec, "text": absolute}, {**spec, "text": relative}
+
+
+OOF_FILE = Path("oof") / "train_features.npz"
+
+
+def oof_features(
+    extractor: Path, data: Path, folds: int = 2, device: str = "auto", progress: bool = True, epochs: int | None = None
+) -> Path:
+    """Out-of-fold train features for ``extractor``: K fine-tunes (same base, config and seed), each on
+    K-1 folds of the train conversations, encoding the fold it did not see.
+
+    Written to ``extractor/oof/train_features.npz`` (conversation id -> (n, dim) float16, NaN rows for
+    utterances without text); ``merc train --set finetune.oof=true`` trains the fusion model on them
+    (dev, test and serving use the extractor itself). Not part of the extractor's hash: derived data
+    that stays on this host (it is made of the dataset's text).
+    """
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.text_finetune import predict_pairs
+    from models.train import resolve_device
+    from service.features.text import _resolve_source
+
+    meta = json.loads((extractor / "finetune.json").read_text())
+    cfg = FineTuneConfig.from_dict(meta["config"])
+    if epochs is not None:  # e.g. the epoch the full fine-tune was selected at
+        cfg.epochs = epochs
+    labels = list(meta["labels"])
+    train, dev = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
+    order = sorted(range(len(train)), key=lambda i: train[i].id)
+    fold_of = {train[i].id: k % folds for k, i in enumerate(order)}
+    source = _resolve_source(meta["base"]["name"], None)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.locate()), local_files_only=True)
+    dev_name = str(resolve_device(device))
+    out: dict[str, np.ndarray] = {}
+    report = []
+    for k in range(folds):
+        seen = [c for c in train if fold_of[c.id] != k]
+        held = [c for c in train if fold_of[c.id] == k]
+        encoder = AutoModel.from_pretrained(str(source.locate()), local_files_only=True)
+        model, history = finetune_text_encoder(
+            encoder,
+            tokenizer,
+            source.dim,
+            (conversation_pairs(seen, cfg.window), _labels_of(seen, labels)),
+            (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
+            labels,
+            cfg,
+            device=dev_name,
+            progress=(lambda s, k=k: print(f"fold {k}: {s}", flush=True)) if progress else None,
+            show_bar=progress,
+        )
+        report.append(
+            {"fold": k, "train_conversations": len(seen), "best_dev": max(history, key=lambda h: h["dev_weighted_f1"])}
+        )
+        for conv, pairs in zip(held, conversation_pairs(held, cfg.window), strict=True):
+            present = [p for p in pairs if p is not None]
+            vecs = np.full((len(pairs), source.dim), np.nan, np.float32)
+            if present:
+                pooled, _ = predict_pairs(model, tokenizer, present, cfg.window.max_length, dev_name)
+                vecs[[i for i, p in enumerate(pairs) if p is not None]] = pooled
+            out[conv.id] = vecs.astype(np.float16)
+        del model
+        torch.manual_seed(cfg.seed)
+    path = extractor / OOF_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    (path.parent / "oof.json").write_text(json.dumps({"folds": folds, "report": report}, indent=2))
+    return path

@@ -102,7 +102,7 @@ def test_delivery_retries_with_backoff_and_survives_a_restart(tmp_path) -> None:
         hook.close()
     assert [body["id"] for _, body, _ in hook.received] == ["job-1"] * 3
     gaps = [b[2] - a[2] for a, b in zip(hook.received, hook.received[1:], strict=False)]
-    assert gaps[1] > gaps[0] * 1.5 > 0.2, gaps  # exponential backoff between the retries
+    assert gaps[0] >= 0.3 * 0.9 and gaps[1] >= 0.6 * 0.9, gaps  # backoff: base, then twice the base
     assert restarted.outbox_size() == 0
 
 

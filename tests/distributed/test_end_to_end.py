@@ -147,7 +147,7 @@ def test_killed_worker_leaves_no_job_lost_or_stuck(cluster: LocalCluster, api: h
     victim = next(i for i, w in enumerate(cluster.workers) if holder.startswith(f"w{i + 1}@"))
     others = [submit_text(api, 3) for _ in range(5)]
     cluster.workers[victim].kill()  # SIGKILL mid-job: the message is never acknowledged
-    jobs = wait_all(api, [long_job, *others], timeout=60)
+    jobs = wait_all(api, [long_job, *others], timeout=240)  # the 400 turns run again on a loaded host
     assert all(j["status"] == "succeeded" for i, j in jobs.items() if i != long_job)
     job = jobs[long_job]
     if job["status"] == "succeeded":
@@ -176,12 +176,17 @@ def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster
 
         def post(i: int) -> httpx.Response:
             base = cluster.api_url if i % 2 == 0 else url2
-            return httpx.post(base + path, params={"wait": 60}, json=bodies[i], timeout=90)
+            return httpx.post(base + path, params={"wait": 30}, json=bodies[i], timeout=90)
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(post, range(8)))
-        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
-        full = api.get(f"/v1/conversations/{job['id']}").json()
+        assert {r.status_code for r in answers} <= {200, 202}, [r.text for r in answers]  # 202: still queued
+        deadline, full = time.monotonic() + 240, {}
+        while time.monotonic() < deadline:
+            full = api.get(f"/v1/conversations/{job['id']}").json()
+            if full["n_utterances"] >= 10:
+                break
+            time.sleep(0.5)
         ids = [u["id"] for u in full["result"]["utterances"]]
         texts = sorted(u["text"] for u in full["result"]["utterances"][2:])
         assert (
@@ -195,10 +200,14 @@ def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster
 
 def test_api_process_never_maps_libtorch_and_stays_small(cluster: LocalCluster, api) -> None:
     """Issue 12, item 10: the API validates from manifests; appends and media run on the workers."""
+    from service.local_cluster import wait_until
+
     ids = [submit_text(api, 5), submit_audio(api)]
     wait_all(api, ids, timeout=60)
-    r = api.post(f"/v1/conversations/{ids[0]}/utterances", params={"wait": 30}, json=sample_conversation(1, tag="m"))
-    assert r.status_code == 200 and r.json()["utterances"][0]["index"] == 5, r.text
+    turn = {"utterances": [{"speaker": "B", "text": "And one more turn, appended."}]}
+    r = api.post(f"/v1/conversations/{ids[0]}/utterances", params={"wait": 60}, json=turn, timeout=90)
+    assert r.status_code in (200, 202), r.text
+    wait_until(lambda: api.get(f"/v1/conversations/{ids[0]}").json()["n_utterances"] == 6, 240, "the append")
     pid = cluster.api.pid
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "libc10" not in maps
