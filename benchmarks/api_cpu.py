@@ -5,7 +5,8 @@ Prints, for the default bundle:
 * p50/p99 latency of POST /v1/conversations with a 20-utterance text conversation (?wait, so
   the answer carries the result), every request with new sentences (no embedding-cache hits);
 * p50/p99 latency of appending one utterance (POST /v1/conversations/{id}/utterances);
-* requests per second with 16 concurrent clients, and the error count (must be 0);
+* requests per second with 16 concurrent clients (or each of ``--clients-list``), their p50/p99 latency,
+  and the error count (must be 0);
 * the server's resident memory after 10 requests and after 1000 (chatbot sessions of 20 turns
   plus 10 appended ones; a single conversation growing to hundreds of utterances costs more
   memory per request, as attention over it grows).
@@ -13,6 +14,7 @@ Prints, for the default bundle:
 Run (about 5 minutes on 2 busy cores)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/api_cpu.py [--threads 1] [--n 50] [--model NAME]
+        [--clients-list 1,4,16] [--per-client 8] [--total 1000]
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def concurrent_rps(load: Load, clients: int, total: int) -> dict[str, float]:
     for c in pool:
         c.close()
     ok = sum(1 for _, body in results if body and body["status"] == "succeeded")
-    return {"clients": clients, "requests": total, "rps": round(total / wall, 2), "errors": total - ok}
+    latency = percentiles([elapsed for elapsed, _ in results])
+    return {"clients": clients, "requests": total, "rps": round(total / wall, 2), "errors": total - ok} | latency
 
 
 def main() -> None:
@@ -125,6 +128,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of the server")
     ap.add_argument("--n", type=int, default=50, help="requests per latency figure")
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument(
+        "--clients-list", default=None, help="e.g. 1,4,16: requests/s and p50/p99 at each (overrides --clients)"
+    )
+    ap.add_argument("--per-client", type=int, default=8, help="concurrent requests per client (at least 32 in all)")
     ap.add_argument("--total", type=int, default=1000, help="requests before the last memory reading")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="merc-bench-"))
@@ -151,7 +158,8 @@ def main() -> None:
                 for _ in range(args.n)
             ]
             out["append_1_utterance"] = percentiles(turn) | {"context": f"20 -> {20 + args.n} utterances"}
-        out["concurrent"] = concurrent_rps(load, args.clients, max(8 * args.clients, 128))
+        levels = [int(c) for c in args.clients_list.split(",")] if args.clients_list else [args.clients]
+        out["concurrent"] = [concurrent_rps(load, c, max(args.per_client * c, 32)) for c in levels]
         with httpx.Client(base_url=server.url, timeout=120) as client:
             curve = {}
             while load.count < args.total:  # chatbot sessions: 20 turns, then 10 appended ones

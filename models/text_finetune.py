@@ -176,14 +176,45 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length:
         enc = tokenizer(
             firsts, seconds, padding=True, truncation="longest_first", max_length=max_length, return_tensors="pt"
         )
-    target = torch.zeros_like(enc["input_ids"])
-    for b in range(len(pairs)):
-        ids = enc.sequence_ids(b)
-        for t, s in enumerate(ids):
-            if s == 0:
-                target[b, t] = 1
+    target = [[int(s == 0) for s in enc.sequence_ids(b)] for b in range(len(pairs))]
     batch = dict(enc)
-    batch["target_mask"] = target
+    batch["target_mask"] = torch.tensor(target, dtype=enc["input_ids"].dtype)
+    return batch
+
+
+def tokenize_all(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> list[dict[str, list[int]]]:
+    """Each pair tokenized once, unpadded (the same ids as :func:`tokenize_pairs` gives the whole list).
+
+    Returns one dict per pair: ``input_ids``, ``attention_mask``, ``target_mask`` (and
+    ``token_type_ids`` where the tokenizer makes them), lists of equal length T_i."""
+    firsts = [p[0] for p in pairs]
+    if all(not p[1] for p in pairs):
+        enc = tokenizer(firsts, truncation=True, max_length=max_length)
+    else:
+        seconds = [p[1] or "" for p in pairs]
+        enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    out = []
+    for b in range(len(pairs)):
+        item = {k: enc[k][b] for k in keys}
+        item["target_mask"] = [int(s == 0) for s in enc.sequence_ids(b)]
+        out.append(item)
+    return out
+
+
+def pad_batch(items: Sequence[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad :func:`tokenize_all` items to the longest: (B, T) int64 tensors (ids padded with ``pad_id``)."""
+    width = max(len(it["input_ids"]) for it in items)
+    batch = {}
+    for k in items[0]:
+        arr = np.full((len(items), width), pad_id if k == "input_ids" else 0, np.int64)
+        for b, it in enumerate(items):
+            row = it[k]
+            if left:
+                arr[b, width - len(row) :] = row
+            else:
+                arr[b, : len(row)] = row
+        batch[k] = torch.from_numpy(arr)
     return batch
 
 
@@ -286,6 +317,25 @@ def _batches(n: int, lengths: Sequence[int], batch_size: int, rng: random.Random
     return batches
 
 
+def _length_batches(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, max_padding: float | None
+) -> list[list[int]]:
+    """Consecutive runs of ``order`` (sorted by length): at most ``batch_size``, and where
+    ``max_padding`` is set, no longer than ``1 + max_padding`` times the run's first length."""
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if (
+            current is None
+            or len(current) >= batch_size
+            or (max_padding is not None and lengths[i] > (1 + max_padding) * lengths[current[0]])
+        ):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
 @torch.no_grad()
 def predict_pairs(
     model: TextClassifier,
@@ -295,15 +345,24 @@ def predict_pairs(
     device: str,
     batch_size: int = 64,
     amp: bool = False,
+    max_padding: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(pooled (N, H) float32, probabilities (N, C) float32)`` for ``pairs``, in order."""
+    """``(pooled (N, H) float32, probabilities (N, C) float32)`` for ``pairs``, in order.
+
+    Every pair is tokenized once; batches are formed in order of token length (little padding).
+    Whether pairs without context are encoded as single segments is decided over the whole call.
+    ``max_padding`` (e.g. 0.25): a batch also ends before a pair longer than ``1 + max_padding``
+    times its shortest, which spends fewer padded tokens on CPU for one more forward call."""
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    items = tokenize_all(tokenizer, pairs, max_length)
+    lengths = [len(it["input_ids"]) for it in items]
+    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
     pooled = np.zeros((len(pairs), model.head.in_features), np.float32)
     probs = np.zeros((len(pairs), model.head.out_features), np.float32)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = {k: v.to(device) for k, v in tokenize_pairs(tokenizer, [pairs[i] for i in idx], max_length).items()}
+    pad_id = tokenizer.pad_token_id or 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    for idx in _length_batches(order, lengths, batch_size, max_padding):
+        batch = {k: v.to(device) for k, v in pad_batch([items[i] for i in idx], pad_id, left).items()}
         with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
             vec, logits = model(batch)
         pooled[idx] = vec.float().cpu().numpy()

@@ -93,7 +93,14 @@ def text_vectors(
         from models.train import resolve_device
 
         ft = get_finetuned_encoder(entry, None, str(resolve_device(device)))
-        return ft.conversation_vectors(convs, future_known=future_known, first=first)
+        out = ft.conversation_vectors(convs, future_known=future_known, first=first)
+        if entry.get("oof_features"):  # training only: out-of-fold vectors of the train conversations
+            stored = np.load(entry["oof_features"])
+            for i, conv in enumerate(convs):
+                if conv.id in stored.files:
+                    rows = stored[conv.id].astype(np.float32)
+                    out[i] = [None if np.isnan(r).any() else r for r in rows]
+        return out
     from service.features.registry import extractor_for
 
     encoder = extractor_for("text", entry, device)

@@ -14,7 +14,6 @@ import logging
 import math
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +178,7 @@ def run_append(job_dir: str, model: str, conversation: dict[str, Any], first: in
     fresh, timings = _extract_new(conv, predictor, first, settings)
     n = len(conv.utterances)
     features = {m: _pad(old.get(m), first) + (fresh.get(m) or [None] * n)[first:] for m in predictor.modalities}
-    result = score(predictor, conv, features, media, timings, request.get("transcript"))
+    result = score(predictor, conv, features, media, timings, request.get("transcript"), future_known=False)
     return {"result": result, "features": features}
 
 
@@ -190,16 +189,7 @@ def _pad(vectors: list | None, n: int) -> list:
 
 
 def _extract_new(conv: Conversation, predictor: Predictor, first: int, settings: Settings) -> tuple[dict, dict]:
-    """Features of utterances ``first..`` computed with the whole conversation as context.
-
-    Uses ``extract_features(..., first=first)`` (context-aware text features) when the pipeline
-    has it; otherwise encodes the new turns alone. Lists cover every utterance (None below ``first``).
-    """
-    try:
-        return extract_features(conv, predictor.feature_spec, MediaInput(), settings.device, first=first)
-    except TypeError as e:
-        if "first" not in str(e):
-            raise
-    tail = replace(conv, utterances=conv.utterances[first:])
-    fresh, timings = extract_features(tail, predictor.feature_spec, None, settings.device)
-    return {m: [None] * first + list(v) for m, v in fresh.items()}, timings
+    """Features of utterances ``first..`` with the earlier turns as their context (a live chat: no later
+    turns in any window). Lists cover every utterance (None below ``first``)."""
+    media = MediaInput()
+    return extract_features(conv, predictor.feature_spec, media, settings.device, first=first, future_known=False)

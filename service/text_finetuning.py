@@ -22,6 +22,33 @@ from models.data import DataError, read_dataset_info, read_jsonl
 from models.text_finetune import ContextWindow, FineTuneConfig, conversation_pairs, finetune_text_encoder, save_adapter
 
 
+def _fit(
+    encoder,
+    tokenizer,
+    dim: int,
+    train,
+    dev,
+    labels: list[str],
+    cfg: FineTuneConfig,
+    device: str,
+    progress: bool,
+    prefix: str,
+):
+    """:func:`finetune_text_encoder` on conversations (context windows and label indices built here)."""
+    return finetune_text_encoder(
+        encoder,
+        tokenizer,
+        dim,
+        (conversation_pairs(train, cfg.window), _labels_of(train, labels)),
+        (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
+        labels,
+        cfg,
+        device=device,
+        progress=(lambda s: print(prefix + s, flush=True)) if progress else None,
+        show_bar=progress,
+    )
+
+
 def _labels_of(convs, labels: list[str]) -> list[list[int]]:
     index = {label: i for i, label in enumerate(labels)}
     return [[index.get(u.label, -1) if u.label is not None else -1 for u in c.utterances] for c in convs]
@@ -57,18 +84,7 @@ def finetune_text(
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
     started = time.perf_counter()
-    model, history = finetune_text_encoder(
-        encoder,
-        tokenizer,
-        source.dim,
-        (conversation_pairs(train, cfg.window), _labels_of(train, labels)),
-        (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
-        labels,
-        cfg,
-        device=dev_name,
-        progress=(lambda s: print(s, flush=True)) if progress else None,
-        show_bar=progress,
-    )
+    model, history = _fit(encoder, tokenizer, source.dim, train, dev, labels, cfg, dev_name, progress, "")
     seconds = time.perf_counter() - started
     base_info = {"name": source.extractor, "version": source.version, "dim": source.dim}
     save_adapter(model.to("cpu"), cfg, out, base_info)
@@ -135,9 +151,12 @@ def prepare_finetuned_text(
     from service.features.finetuned import spec_entry
 
     target = Path(out_dir) / "text_encoder"
+    overrides = dict(overrides or {})
+    oof = overrides.pop("oof", False)
+    folds = 2 if oof is True else int(oof or 0)
     if text_encoder.startswith("finetune:"):
         base = text_encoder.split(":", 1)[1]
-        values = {**FineTuneConfig().to_dict(), **(overrides or {})}
+        values = {**FineTuneConfig().to_dict(), **overrides}
         window = {
             **values["window"],
             **{k: values.pop(k) for k in ("past", "future", "speaker", "max_length") if k in values},
@@ -147,15 +166,22 @@ def prepare_finetuned_text(
             shutil.rmtree(target)
         finetune_text(data_dir, base, target, cfg, device, progress, command="(merc train --text-encoder)")
         name = f"{Path(data_dir).name}-{base.replace('/', '_')}"
+        if folds:
+            oof_features(target, Path(data_dir), folds, device, progress)
     else:
         source = Path(text_encoder).resolve()
         if source != target.resolve():
             if target.exists():
                 shutil.rmtree(target)
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md"))
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md", "oof"))
         name = source.name
+        if folds and not (source / OOF_FILE).is_file():
+            raise DataError(f"--set finetune.oof: {source} has no {OOF_FILE}; run merc oof-text-features first")
     relative = spec_entry(target, name, relative_to=out_dir)
     absolute = {**relative, "adapter": str(target.resolve())}
+    if folds:  # train-split vectors from the fold models; dev and everything after use the extractor
+        where = (target if text_encoder.startswith("finetune:") else Path(text_encoder).resolve()) / OOF_FILE
+        absolute["oof_features"] = str(where)
     return {**spec, "text": absolute}, {**spec, "text": relative}
 
 
@@ -198,18 +224,7 @@ def oof_features(
         seen = [c for c in train if fold_of[c.id] != k]
         held = [c for c in train if fold_of[c.id] == k]
         encoder = AutoModel.from_pretrained(str(source.locate()), local_files_only=True)
-        model, history = finetune_text_encoder(
-            encoder,
-            tokenizer,
-            source.dim,
-            (conversation_pairs(seen, cfg.window), _labels_of(seen, labels)),
-            (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
-            labels,
-            cfg,
-            device=dev_name,
-            progress=(lambda s, k=k: print(f"fold {k}: {s}", flush=True)) if progress else None,
-            show_bar=progress,
-        )
+        model, history = _fit(encoder, tokenizer, source.dim, seen, dev, labels, cfg, dev_name, progress, f"fold {k}: ")
         report.append(
             {"fold": k, "train_conversations": len(seen), "best_dev": max(history, key=lambda h: h["dev_weighted_f1"])}
         )

@@ -219,12 +219,22 @@ def _append_locked(
         "run_append", settings.job_timeout_s, job_dir=str(folder), model=conv_job["model"], conversation=grown,
         first=n_old, settings=settings,
     )  # fmt: skip
-    result, n = out["result"], n_old + len(added)
+    result, n = _keep_readings(out["result"], conv_job.get("result") or {}, n_old), n_old + len(added)
     save_features(folder / "features.npz", out["features"], n)  # rows < n_old unchanged: a crash here is harmless
     write_json(folder / "request.json", {**conv_request, "conversation": grown})
     if not store.update_result(conv_job["id"], result, n, expected_n=conv_job["n_utterances"]):
         raise JobProblem(409, "not-finished", "the conversation changed or was deleted meanwhile", "job_id")
     return {**result, "utterances": result["utterances"][n_old:]}
+
+
+def _keep_readings(result: dict[str, Any], previous: dict[str, Any], n_old: int) -> dict[str, Any]:
+    """The earlier turns' face/voice readings (made from the media, which appends do not re-read)."""
+    for new_u, old_u in zip(result["utterances"][:n_old], (previous.get("utterances") or [])[:n_old], strict=False):
+        if old_u.get("readings") and not new_u.get("readings"):
+            new_u["readings"] = old_u["readings"]
+    if previous.get("readings") and not result.get("readings"):
+        result["readings"] = previous["readings"]
+    return result
 
 
 def assign_ids(new: list[dict[str, Any]], taken: list[str]) -> list[dict[str, Any]]:

@@ -37,8 +37,17 @@ TERMINAL = ("succeeded", "failed")
 def cluster(tmp_path_factory):
     env = {"MERC_VISIBILITY_TIMEOUT_S": "3", "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "2"}
     env["MERC_DEFAULT_MODEL"] = MODEL
-    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, **env) as c:
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, **env)
+    try:  # LocalCluster's steps with more patience: models load slowly on a shared, loaded host
+        c.start_redis()
+        for _ in range(2):
+            c.start_worker(wait=False)
+        c.start_api(timeout=600)
+        for i in range(2):
+            c.wait_worker_ready(i, timeout=600)
         yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,32 @@ def test_service_serves_the_finetuned_bundle_with_append(bundle: Path, tmp_path:
             assert len(full["result"]["utterances"]) == 3
     finally:
         server.stop()
+
+
+def test_out_of_fold_train_features(extractor, tmp_path: Path) -> None:
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+    from service.text_finetuning import oof_features
+    from service.training import train_bundle
+
+    data, folder, _ = extractor
+    copy = tmp_path / "extractor"
+    shutil.copytree(folder, copy)
+    path = oof_features(copy, data, folds=2, device="cpu", progress=False, epochs=2)
+    stored = np.load(path)
+    convs = read_jsonl(data / "train.jsonl")
+    assert sorted(stored.files) == sorted(c.id for c in convs)
+    assert all(stored[c.id].shape == (6, 384) and not np.isnan(stored[c.id]).any() for c in convs)
+    full = FinetunedTextEncoder(spec_entry(copy, "x"), copy, "cpu", use_disk_cache=False).conversation_vectors(convs)
+    assert not np.allclose(np.stack(full[0]), stored[convs[0].id].astype(np.float32), atol=1e-2)  # other models
+    out = tmp_path / "sdt-oof"
+    manifest = train_bundle(
+        "sdt",
+        data,
+        out,
+        text_encoder=str(copy),
+        train_overrides={"epochs": 1, "device": "cpu"},
+        progress=False,
+        finetune_overrides={"oof": True},
+    )
+    assert "oof_features" not in manifest["feature_spec"]["text"]  # training-only: never in the bundle
+    assert not (out / "text_encoder" / "oof").exists()

@@ -1,0 +1,168 @@
+"""Text path speed on CPU: the service's scoring path in process, a plain MiniLM reference, int8 drift.
+
+Prints, in one run:
+
+* (a) in-process text scoring with the default bundle (``Settings.default_model``, or ``--bundle``):
+  20 fresh turns (features + fusion model, ``service.pipeline.extract_features`` + ``score``) and an
+  append of 1 turn in the context of 20 (``first=20, future_known=False``: only the new turn is
+  encoded), p50/p99 wall milliseconds and the CPU milliseconds per call (all threads), for fp32 and
+  int8 (``MERC_TEXT_INT8``) and 1 and 2 torch threads. Every call has new sentences: the embedding
+  caches (memory and SQLite, in a temporary ``MERC_CACHE_DIR``) never hit.
+* (b) the same 20 turns through the plain MiniLM-L6 encoder (no context, no speaker), for reference.
+* (c) the dev weighted F1 of the bundle with fp32 and int8 text features (``merc evaluate`` in a
+  subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl).
+* (d) with ``--http``: ``benchmarks/api_cpu.py --clients-list 1,4,16`` (a real ``merc serve``).
+
+On a shared machine the wall figures depend on the load (printed); the CPU milliseconds much less.
+
+Run::
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/speed_text.py [--n 20] [--bundle NAME] [--http]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.text_finetune import fresh_conversation  # noqa: E402
+from models.data import Conversation  # noqa: E402
+
+os.environ.setdefault("MERC_CACHE_DIR", tempfile.mkdtemp(prefix="merc-speed-text-"))  # fresh caches
+
+
+def _ms(seconds: list[float]) -> str:
+    a = np.array(seconds) * 1000
+    return f"p50 {np.percentile(a, 50):.0f} ms p99 {np.percentile(a, 99):.0f} ms"
+
+
+def _timed(fn, *args: object) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``fn(*args)``."""
+    w, c = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -> dict[str, float]:
+    """Latency of a 20-turn POST and a 1-turn append through the service's scoring path."""
+    import service.features.finetuned as ft
+    from service.pipeline import extract_features, score
+    from service.predictor import Predictor
+
+    os.environ["MERC_TEXT_INT8"] = "1" if int8 else "0"
+    ft._LOADED.clear()  # a new encoder with this int8 setting
+    torch.set_num_threads(threads)
+    predictor = Predictor(bundle, "cpu", ROOT / "weights")
+    spec = predictor.feature_spec
+
+    def post(conv: Conversation) -> None:
+        feats, timings = extract_features(conv, spec, None, "cpu")
+        score(predictor, conv, feats, ["text"], timings)
+
+    def append(conv: Conversation) -> None:
+        feats, timings = extract_features(conv, spec, None, "cpu", first=len(conv.utterances) - 1, future_known=False)
+        score(predictor, conv, feats, ["text"], timings, future_known=False)
+
+    for _ in range(2):  # load + warm
+        post(fresh_conversation(20, rng))
+    rows: dict[str, list[tuple[float, float]]] = {"post": [], "append": []}
+    for _ in range(n):
+        conv = fresh_conversation(21, rng)
+        rows["post"].append(_timed(post, Conversation(id="b", utterances=conv.utterances[:20])))
+        rows["append"].append(_timed(append, conv))
+    out = {}
+    for k, v in rows.items():
+        wall, cpu = zip(*v, strict=True)
+        out[f"{k}_wall_p50_ms"] = float(np.percentile(wall, 50) * 1000)
+        out[f"{k}_wall_p99_ms"] = float(np.percentile(wall, 99) * 1000)
+        out[f"{k}_cpu_p50_ms"] = float(np.percentile(cpu, 50) * 1000)
+    print(
+        f"{bundle} {'int8' if int8 else 'fp32'} {threads} thread(s): 20 fresh turns {_ms([w for w, _ in rows['post']])}"
+        f" (CPU {out['post_cpu_p50_ms']:.0f} ms); append 1 turn {_ms([w for w, _ in rows['append']])}"
+        f" (CPU {out['append_cpu_p50_ms']:.0f} ms)",
+        flush=True,
+    )
+    return out
+
+
+def plain_minilm(n: int, threads: int, rng: random.Random) -> dict[str, float]:
+    """The same kind of 20 fresh turns through the context-free MiniLM encoder (no cache)."""
+    from service.features.text import get_text_encoder
+
+    torch.set_num_threads(threads)
+    encoder = get_text_encoder("minilm-l6-v2", device="cpu", use_cache=False)
+    encoder.encode([u.text for u in fresh_conversation(20, rng).utterances])
+    rows = [_timed(lambda: encoder.encode([u.text for u in fresh_conversation(20, rng).utterances])) for _ in range(n)]
+    wall, cpu = zip(*rows, strict=True)
+    print(
+        f"plain minilm-l6-v2, 20 turns, {threads} thread(s): {_ms(list(wall))} (CPU {np.median(cpu) * 1000:.0f} ms)",
+        flush=True,
+    )
+    return {"wall_p50_ms": float(np.median(wall) * 1000), "cpu_p50_ms": float(np.median(cpu) * 1000)}
+
+
+def dev_accuracy(bundle: str, int8: bool) -> float | None:
+    """Dev weighted F1 (``merc evaluate``) with int8 text features on or off; None without the data."""
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    dev = ROOT.parent / "shared" / "data" / manifest["dataset"]["name"] / "dev.jsonl"
+    if not dev.is_file():
+        print(f"dev accuracy skipped: {dev} absent")
+        return None
+    env = {**os.environ, "MERC_TEXT_INT8": "1" if int8 else "0", "OMP_NUM_THREADS": "1"}
+    out = Path(tempfile.mkdtemp(prefix="merc-eval-"))
+    cmd = [str(ROOT / ".venv" / "bin" / "merc"), "evaluate", "--bundle", str(bundle_dir), "--data", str(dev)]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), "--device", "cpu", "--quiet"], env=env, capture_output=True, text=True, check=True
+    )
+    wf1 = float(json.loads(proc.stdout.strip().splitlines()[-1])["weighted_f1"])
+    print(f"{bundle} dev weighted F1 ({dev.parent.name}), {'int8' if int8 else 'fp32'} text encoder: {wf1:.2f}")
+    return wf1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", default=None, help="bundle name in weights/ or a folder [Settings().default_model]")
+    ap.add_argument("--n", type=int, default=20, help="calls per latency figure")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts to time")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip (c), the dev evaluation")
+    ap.add_argument("--http", action="store_true", help="also run benchmarks/api_cpu.py --clients-list 1,4,16")
+    args = ap.parse_args()
+    from service.settings import Settings
+
+    bundle = args.bundle or Settings().default_model
+    print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs, torch {torch.__version__}")
+    rng = random.Random(0)
+    threads = [int(t) for t in args.threads.split(",")]
+    report: dict = {"bundle": bundle, "scoring": {}, "plain_minilm": {}}
+    for int8 in (False, True):
+        for t in threads:
+            report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng)
+    for t in threads:
+        report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng)
+    if not args.no_accuracy:
+        report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8") for k in ("fp32", "int8")}
+        f32, i8 = report["dev_weighted_f1"].values()
+        if f32 is not None and i8 is not None:
+            print(f"int8 drift: {i8 - f32:+.2f} w-F1 points (the issue allows -0.30)")
+    print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
+    print(json.dumps(report, indent=1))
+    if args.http:
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "api_cpu.py"), "--model", bundle, "--clients-list", "1,4,16"]
+        subprocess.run(cmd, check=True)
+
+
+if __name__ == "__main__":
+    main()
