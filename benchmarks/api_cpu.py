@@ -7,7 +7,8 @@ Prints, for the default bundle:
 * p50/p99 latency of appending one utterance (POST /v1/conversations/{id}/utterances);
 * requests per second with 16 concurrent clients (or each of ``--clients-list``), their p50/p99 latency,
   and the error count (must be 0);
-* the server's resident memory after 10 requests and after 1000 (chatbot sessions of 20 turns
+* the resident memory of the server and its children (the inference runner) after 10 requests
+  and after 1000 (chatbot sessions of 20 turns
   plus 10 appended ones; a single conversation growing to hundreds of utterances costs more
   memory per request, as attention over it grows).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import random
 import sys
@@ -102,6 +104,24 @@ class Load:
         return elapsed, r.json()
 
 
+def rss_mb(proc: psutil.Process) -> float:
+    """Resident MB of the server and its child processes (the inference runner is a spawned child)."""
+    procs = [proc, *proc.children(recursive=True)]
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return round(total / 2**20, 1)
+
+
+def rss_by_process(proc: psutil.Process) -> dict[str, float]:
+    """Resident MB per process of the server's tree (pid: MB)."""
+    return {
+        f"{p.pid} {'server' if p.pid == proc.pid else 'child'}": round(p.memory_info().rss / 2**20, 1)
+        for p in [proc, *proc.children(recursive=True)]
+    }
+
+
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.array(seconds) * 1000
     return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
@@ -148,7 +168,7 @@ def main() -> None:
             out["text_extractor"] = bundle["feature_spec"].get("text", {}).get("extractor")
             for _ in range(10):
                 load.call(client, "/v1/conversations", load.conversation())
-            out["rss_mb_after_10"] = round(proc.memory_info().rss / 2**20, 1)
+            out["rss_mb_after_10"] = rss_mb(proc)
             post = [load.call(client, "/v1/conversations", load.conversation())[0] for _ in range(args.n)]
             out["post_20_utterances"] = percentiles(post)
             job = load.call(client, "/v1/conversations", load.conversation())[1]
@@ -164,15 +184,16 @@ def main() -> None:
             curve = {}
             while load.count < args.total:  # chatbot sessions: 20 turns, then 10 appended ones
                 if load.count % 250 == 0:
-                    curve[load.count] = round(proc.memory_info().rss / 2**20, 1)
+                    curve[load.count] = rss_mb(proc)
                 if load.count % 11 == 0:
                     job = load.call(client, "/v1/conversations", load.conversation())[1]
                     path = f"/v1/conversations/{job['id'] if job else ''}/utterances"
                 else:
                     load.call(client, path, {"utterances": [{"speaker": "B", "text": load.sentence()}]})
         out["requests_total"] = load.count
-        out["rss_mb_after_total"] = round(proc.memory_info().rss / 2**20, 1)
+        out["rss_mb_after_total"] = rss_mb(proc)
         out["rss_mb_by_requests"] = curve
+        out["rss_mb_by_process"] = rss_by_process(proc)
         out["errors_total"] = len(load.errors)
     finally:
         server.stop()

@@ -16,7 +16,7 @@ time to other load on the machine, whose 1-minute load average is printed with e
   again per utterance and stream) cuts a WAV and dumps every 10th frame as PNG, openSMILE reads the WAV
   file, MTCNN runs frame by frame, the face CNN face by face, the text encoder sentence by sentence.
 
-Both make the face and voice readings (service/readings.py) at equal work: ours in the same passes
+Both make the face and voice readings (service/inference/readings.py) at equal work: ours in the same passes
 (the voice reading reuses the compare2016 functionals, the face reading the face CNN's class scores of
 the chosen faces); naive with a second call of the face CNN's classifier per face and the voice model on
 the functionals openSMILE wrote for each WAV (normalised per speaker over the conversation at the end).
@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from models.data import Conversation, Utterance  # noqa: E402
 from service.features.registry import extractor_for, make_spec  # noqa: E402
 from service.features.visual import FaceObs, aligned_crop  # noqa: E402
-from service.pipeline import STAGES, MediaInput, extract_features_many  # noqa: E402
+from service.inference.pipeline import STAGES, MediaInput, extract_features_many  # noqa: E402
 
 STAGE_NAMES = STAGES  # decode, text, audio, face_detection, face_cnn, readings
 
@@ -138,7 +138,7 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
     audio = extractor_for("audio", feature_spec["audio"], "cpu")
     visual = extractor_for("visual", feature_spec["visual"], "cpu")
     from service.features.voice_reading import load_voice_model
-    from service.readings import face_readings, voice_readings
+    from service.inference.readings import face_readings, voice_readings
 
     voice = load_voice_model()
     t = dict.fromkeys(STAGE_NAMES, 0.0)

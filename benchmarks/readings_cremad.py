@@ -1,7 +1,7 @@
 """Face and voice readings on the six CREMA-D clips of ../shared/media/cremad (docs/readings.md).
 
 Each clip (FLV: VP6 video, MP3 audio; actor 1001 saying "Don't forget a jacket." with six emotions)
-goes through the media pipeline as its own one-utterance conversation (service.pipeline, readings
+goes through the media pipeline as its own one-utterance conversation (service.inference.pipeline, readings
 on, no bundle features), so its voice is normalised with the shrinkage fallback for a speaker with
 one utterance. The last column treats the six clips as one conversation of one speaker (what a
 service sees when a speaker talks several times): the voice model then normalises over all six.
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from models.data import Conversation, Utterance  # noqa: E402
 from service.features.voice_reading import load_voice_model  # noqa: E402
-from service.pipeline import MediaInput, extract_features  # noqa: E402
+from service.inference.pipeline import MediaInput, extract_features  # noqa: E402
 
 CREMAD = ROOT.parent / "shared" / "media" / "cremad"
 

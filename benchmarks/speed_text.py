@@ -3,7 +3,7 @@
 Prints, in one run:
 
 * (a) in-process text scoring with the default bundle (``Settings.default_model``, or ``--bundle``):
-  20 fresh turns (features + fusion model, ``service.pipeline.extract_features`` + ``score``) and an
+  20 fresh turns (features + fusion model, ``service.inference.pipeline.extract_features`` + ``score``) and an
   append of 1 turn in the context of 20 (``first=20, future_known=False``: only the new turn is
   encoded), p50/p99 wall milliseconds and the CPU milliseconds per call (all threads), for fp32 and
   int8 (``MERC_TEXT_INT8``) and 1 and 2 torch threads. Every call has new sentences: the embedding
@@ -58,8 +58,8 @@ def _timed(fn, *args: object) -> tuple[float, float]:
 def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -> dict[str, float]:
     """Latency of a 20-turn POST and a 1-turn append through the service's scoring path."""
     import service.features.finetuned as ft
-    from service.pipeline import extract_features, score
-    from service.predictor import Predictor
+    from service.inference.pipeline import extract_features, score
+    from service.inference.predictor import Predictor
 
     os.environ["MERC_TEXT_INT8"] = "1" if int8 else "0"
     ft._LOADED.clear()  # a new encoder with this int8 setting

@@ -102,8 +102,8 @@ def measure_epoch(steps: int, past: int, max_length: int) -> None:
 
 
 def latency(bundle: str, n: int, rng: random.Random) -> None:
-    from service.pipeline import extract_features, score
-    from service.predictor import Predictor
+    from service.inference.pipeline import extract_features, score
+    from service.inference.predictor import Predictor
 
     predictor = Predictor(bundle, "cpu", ROOT / "weights")
     spec = predictor.feature_spec

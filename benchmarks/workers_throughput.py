@@ -1,6 +1,6 @@
 """Jobs per minute through the distributed deployment with one, then two, CPU workers.
 
-Starts what docker-compose.yml runs, as local processes (``service.local_cluster``): a
+Starts what docker-compose.yml runs, as local processes (``tests.local_cluster``): a
 real redis-server, ``merc serve`` with MERC_QUEUE set, and ``merc worker`` processes on the
 CPU. Submits the same workload twice: text conversations plus media uploads (a video with
 sound when ``--video`` exists, else a generated WAV), every job through the REST API and
@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.local_cluster import ROOT, LocalCluster, sample_conversation, sample_wav
+from tests.local_cluster import ROOT, LocalCluster, sample_conversation, sample_wav
 
 DEFAULT_VIDEO = ROOT.parent / "shared" / "media" / "WolfgangLanger_Pexels.mp4"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODALITIES: tuple[str, ...] = ("text", "audio", "visual")
@@ -237,3 +238,28 @@ def key_padding_bias(valid: Tensor) -> Tensor:
     bias = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     bias = bias.masked_fill(~ok, float("-inf"))
     return bias[:, None, None, :]
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, N, E) -> (B, heads, N, E / heads)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, heads: int, dropout_p: float = 0.0) -> Tensor:
+    """The one masked multi-head attention of the fusion models (SDT, DMD, ITEACH; SUMMER needs the raw
+    scores for its teacher-guided damping and uses split_heads / key_padding_bias itself).
+
+    q (B, Nq, E), k / v (B, Nk, E), already projected; bias additive, broadcastable to
+    (B, heads, Nq, Nk) (e.g. :func:`key_padding_bias`). Returns the merged context (B, Nq, E). Uses
+    ``scaled_dot_product_attention`` (fused kernels where the device has them).
+    """
+    ctx = F.scaled_dot_product_attention(
+        split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), attn_mask=bias.to(q.dtype),
+        dropout_p=dropout_p,
+    )  # fmt: skip
+    return merge_heads(ctx)

@@ -87,6 +87,7 @@ from models.common import (
     LossOutput,
     ModelOutput,
     key_padding_bias,
+    masked_attention,
     masked_ce,
     sinusoidal_positions,
 )
@@ -162,17 +163,12 @@ class MaskedAttention(nn.Module):
     def forward(self, q: Tensor, kv: Tensor, key_valid: Tensor) -> Tensor:
         """key_valid (B, Nk) bool; rows with no valid key get a zero context."""
 
-        def split(x: Tensor) -> Tensor:
-            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
         dim = q.shape[-1]
         w, b = self.in_proj.weight, self.in_proj.bias
         q = F.linear(q, w[:dim], b[:dim])
         k, v = F.linear(kv, w[dim:], b[dim:]).chunk(2, -1)
-        bias = key_padding_bias(key_valid).to(q.dtype)
         p = self.dropout if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), bias, p)
-        ctx = self.out(ctx.transpose(1, 2).flatten(2))
+        ctx = self.out(masked_attention(q, k, v, key_padding_bias(key_valid), self.heads, p))
         return ctx * key_valid.any(-1)[:, None, None].to(ctx.dtype)
 
 

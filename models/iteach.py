@@ -82,6 +82,7 @@ from models.common import (
     LossOutput,
     ModelOutput,
     key_padding_bias,
+    masked_attention,
     masked_ce,
     sinusoidal_positions,
 )
@@ -158,13 +159,9 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, query: Tensor, key: Tensor, bias: Tensor, has_keys: Tensor) -> Tensor:
-        b, nq, d = query.shape
-        nk, h = key.shape[1], self.heads
-        q = self.q(query).view(b, nq, h, d // h).transpose(1, 2)
-        k, v = self.kv(key).view(b, nk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(key).chunk(2, -1)  # the kv layer's rows: keys first, then values
         p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
-        o = self.out(o.transpose(1, 2).reshape(b, nq, d))
+        o = self.out(masked_attention(self.q(query), k, v, bias, self.heads, p))
         return o * has_keys.to(o.dtype)[:, None, None]
 
 

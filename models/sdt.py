@@ -62,6 +62,7 @@ from models.common import (
     LossOutput,
     ModelOutput,
     key_padding_bias,
+    masked_attention,
     masked_ce,
     sinusoidal_positions,
 )
@@ -110,16 +111,11 @@ class Block(nn.Module):
         kv_valid (B, N) bool, keys that may be attended. Returns (B, N, H)."""
         x_q = self.drop(x_q)
         x_kv = x_q if x_kv is None else self.drop(x_kv)
-        b, n, h = x_q.shape
-
-        def split(t: Tensor) -> Tensor:  # (B, N, H) -> (B, heads, N, H / heads)
-            return t.view(b, n, self.n_heads, h // self.n_heads).transpose(1, 2)
-
-        q, k, v = split(self.query(x_q)), split(self.key(x_kv)), split(self.value(x_kv))
-        bias = key_padding_bias(kv_valid).to(q.dtype)
         p = self.p if self.training else 0.0
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        ctx = self.out(ctx.transpose(1, 2).reshape(b, n, h))
+        ctx = masked_attention(
+            self.query(x_q), self.key(x_kv), self.value(x_kv), key_padding_bias(kv_valid), self.n_heads, p
+        )
+        ctx = self.out(ctx)
         # No valid key at all (source absent in the whole conversation): zero context.
         ctx = ctx * kv_valid.any(-1)[:, None, None].to(ctx.dtype)
         out = self.drop(ctx) + x_q

@@ -88,7 +88,9 @@ from models.common import (
     ModelOutput,
     key_padding_bias,
     masked_ce,
+    merge_heads,
     sinusoidal_positions,
+    split_heads,
 )
 from models.registry import register_model
 
@@ -239,21 +241,17 @@ class DynAttention(nn.Module):
         self.n_heads, self.threshold, self.phi = n_heads, threshold, phi
         self.q, self.k, self.v, self.o = (nn.Linear(hidden, hidden) for _ in range(4))
 
-    def _split(self, x: Tensor) -> Tensor:
-        b, n, hid = x.shape
-        return x.view(b, n, self.n_heads, hid // self.n_heads).transpose(1, 2)
-
     def forward(
         self, q: Tensor, kv: Tensor, key_valid: Tensor, teacher_scores: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        qh, kh, vh = self._split(self.q(q)), self._split(self.k(kv)), self._split(self.v(kv))
+        qh, kh, vh = (split_heads(t, self.n_heads) for t in (self.q(q), self.k(kv), self.v(kv)))
         scores = qh @ kh.transpose(-1, -2) / math.sqrt(qh.shape[-1])
         probs = (scores + key_padding_bias(key_valid)).softmax(-1)
         probs = probs * key_valid[:, None, None, :].to(probs.dtype)  # rows without keys -> 0
         if teacher_scores is not None:
             far = (teacher_scores - scores.detach()).abs() > self.threshold
             probs = probs * (1.0 - self.phi * far.to(probs.dtype))
-        out = (probs @ vh).transpose(1, 2).reshape(q.shape)
+        out = merge_heads(probs @ vh)
         return self.o(out), scores
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from models.report import plot_missing_curve
-from service.evaluation import evaluate_bundle
+from service.offline.evaluation import evaluate_bundle
 
 RATES = [round(0.1 * i, 1) for i in range(8)]
 

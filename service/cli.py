@@ -62,7 +62,7 @@ def train(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Train an architecture on a dataset folder and write a bundle."""
-    from service.training import load_yaml_config, parse_overrides, train_bundle
+    from service.offline.training import load_yaml_config, parse_overrides, train_bundle
 
     try:
         conf = load_yaml_config(config)
@@ -104,7 +104,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Evaluate a bundle on a labelled file; the metrics JSON is the last line of stdout."""
-    from service.evaluation import evaluate_bundle
+    from service.offline.evaluation import evaluate_bundle
 
     try:
         rates = [float(r) for r in _csv(missing_rates) or []]
@@ -144,7 +144,7 @@ def finetune_text_cmd(
 ) -> None:
     """Fine-tune a text encoder (LoRA) with context windows on a dataset folder: a reusable text extractor."""
     from models.text_finetune import FineTuneConfig
-    from service.text_finetuning import finetune_text, window_from_options
+    from service.offline.text_finetuning import finetune_text, window_from_options
 
     try:
         cfg = FineTuneConfig(
@@ -181,7 +181,7 @@ def oof_text_features_cmd(
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
     """Out-of-fold train features of a fine-tuned extractor (train fusion models with --set finetune.oof=true)."""
-    from service.text_finetuning import oof_features
+    from service.offline.text_finetuning import oof_features
 
     if folds < 2:
         _fail("--folds must be >= 2")
@@ -259,8 +259,8 @@ def extract(
     With --bundle the extractors, versions and options come from the bundle's manifest (the way to
     evaluate a bundle on new media: extract, then `merc evaluate --bundle B --data OUT/dev.jsonl`).
     """
-    from service.extraction import bundle_media_spec, extract_dataset
     from service.features.registry import make_spec
+    from service.offline.extraction import bundle_media_spec, extract_dataset
 
     try:
         if bundle is not None:
@@ -305,9 +305,9 @@ def predict(
     Media without --transcript is transcribed offline (Whisper tiny.en, speakers clustered); the
     result's "transcript" says so and how confident it is. A supplied transcript always wins.
     """
-    from service.extraction import media_input
-    from service.pipeline import run_conversation
-    from service.predictor import Predictor
+    from service.inference.pipeline import run_conversation
+    from service.inference.predictor import Predictor
+    from service.offline.extraction import media_input
 
     try:
         if file.suffix.lower() in (".json", ".jsonl"):
@@ -331,8 +331,8 @@ def worker(
 
     Solo pool, one job at a time, acknowledged after it ran; models load once the worker is up.
     """
-    from service.celery_app import app as celery_app
-    from service.celery_app import get_queue_settings
+    from service.jobs.celery_app import app as celery_app
+    from service.jobs.celery_app import get_queue_settings
 
     if not get_queue_settings().queue:
         _fail("set MERC_QUEUE=redis://host:6379/0, the Redis the API queues jobs in")

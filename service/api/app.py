@@ -19,11 +19,11 @@ from service.api.routes import conversations, health, page
 from service.api.routes import models as models_route
 from service.api.schemas import AppendIn, ConversationIn
 from service.api.waiter import JobWaiter
-from service.callbacks import Deliverer
-from service.celery_app import get_queue_settings, open_store
-from service.retention import start_sweeper
+from service.jobs.callbacks import Deliverer
+from service.jobs.celery_app import get_queue_settings, open_store
+from service.jobs.retention import start_sweeper
+from service.jobs.worker import CALLBACK_HOOKS, FINISH_HOOKS, InProcessWorker
 from service.settings import Settings, get_settings
-from service.worker import CALLBACK_HOOKS, FINISH_HOOKS, InProcessWorker
 
 log = logging.getLogger("merc.api")
 
@@ -32,7 +32,7 @@ log = logging.getLogger("merc.api")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the store, re-queue interrupted jobs, start the worker, the sweeper and callback delivery.
 
-    No model is loaded here: the API validates from manifests (service.catalogue); models live
+    No model is loaded here: the API validates from manifests (service.api.catalogue); models live
     in the inference children of the in-process worker, or in the workers of distributed mode.
     """
     settings: Settings = app.state.settings

@@ -9,9 +9,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from service.api.errors import Problem
+from service.jobs.store import JobStore
+from service.jobs.worker import InProcessWorker
 from service.settings import Settings
-from service.store import JobStore
-from service.worker import InProcessWorker
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="needed when MERC_API_KEYS is set")
 

@@ -9,13 +9,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service import catalogue
+from service.api import catalogue
+from service.api.catalogue import BundleInfo, CatalogueError
 from service.api.errors import Problem, validation_problem
 from service.api.schemas import ConversationIn, UtteranceIn
-from service.callbacks import callback_problem
-from service.catalogue import BundleInfo, CatalogueError
+from service.jobs.callbacks import callback_problem
+from service.jobs.store import JobStore
 from service.settings import Settings
-from service.store import JobStore
 
 DURATION_TOLERANCE = 0.1  # seconds a transcript may run past the media's end (container rounding)
 MAX_FEATURE_ABS = 1e6  # inline feature values beyond this overflow the models' input standardisation
@@ -106,7 +106,7 @@ def check_features(utts: list[UtteranceIn], predictor: BundleInfo, where: str = 
 
 
 def check_callback(url: object | None, settings: Settings) -> None:
-    """422 naming callback_url when the finished job may not be POSTed there (see service.callbacks)."""
+    """422 naming callback_url when the finished job may not be POSTed there (see service.jobs.callbacks)."""
     if url is None:
         return
     reason = callback_problem(str(url), settings.callback_allow_private)

@@ -1,6 +1,6 @@
 """Waiting for a job inside the event loop (``?wait=``), without holding a thread per request.
 
-In-process workers call ``JobWaiter.finished`` (a ``service.worker.FINISH_HOOKS`` entry), which
+In-process workers call ``JobWaiter.finished`` (a ``service.jobs.worker.FINISH_HOOKS`` entry), which
 wakes the waiting requests at once; jobs finished by other processes are seen by polling the store.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from service.store import QUEUED, RUNNING, JobStore
+from service.jobs.store import QUEUED, RUNNING, JobStore
 
 POLL_S = 0.25
 

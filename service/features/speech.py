@@ -97,10 +97,9 @@ def model_path() -> Path:
 
 def resolve_device(device: str) -> tuple[str, int, str]:
     """``auto``/``cpu``/``cuda``/``cuda:N`` -> (CTranslate2 device, index, compute type)."""
-    if device == "auto":
-        import torch
+    from models.train import resolve_device as resolve_torch_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_torch_device(device))  # the one "auto" rule, shared with the models
     if device.startswith("cuda"):
         return "cuda", int(device.partition(":")[2] or 0), "float16"
     return "cpu", 0, "int8"

@@ -710,11 +710,10 @@ _ENCODERS: dict[tuple[Any, ...], TextEncoder] = {}
 
 
 def _resolve_device(device: str | Any) -> str:
-    if str(device) != "auto":
-        return str(device)
-    import torch
+    """The one device resolution (models.train.resolve_device), as a string."""
+    from models.train import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(str(device)))
 
 
 # --------------------------------------------------------------------------------------------------

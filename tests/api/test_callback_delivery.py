@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from service.callbacks import Deliverer, callback_problem, is_public, resolve_target
-from service.store import JobStore
+from service.jobs.callbacks import Deliverer, callback_problem, is_public, resolve_target
+from service.jobs.store import JobStore
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_the_post_goes_to_the_checked_address_with_the_name_as_host() -> None:
     assert target.pinned_url.endswith(":1234/a?b=1") and "localhost" not in target.pinned_url
     hook = _Hook([])
     try:
-        from service.callbacks import post_pinned
+        from service.jobs.callbacks import post_pinned
 
         post_pinned(f"http://localhost:{hook.port}/done", {"id": "x"}, 5, allow_private=True)
     finally:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.store import FAILED, QUEUED, SUCCEEDED, JobStore
+from service.jobs.store import FAILED, QUEUED, SUCCEEDED, JobStore
 from tests.api.conftest import assert_problem, conversation
 
 WORDS = [

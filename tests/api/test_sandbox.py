@@ -1,4 +1,4 @@
-"""The inference child of service.sandbox: killed at the time limit, and never outliving its
+"""The inference child of service.jobs.sandbox: killed at the time limit, and never outliving its
 parent (a worker SIGKILLed mid-job must not leave an orphan computing on)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PARENT = """
 import sys, threading, time
-from service.sandbox import ChildRunner
+from service.jobs.sandbox import ChildRunner
 from service.settings import Settings
 runner = ChildRunner(Settings(device="cpu", weights_dir="weights"))
 assert runner.call("loaded_models", 300) == []

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.local_cluster import Proc, free_port, wait_until
+from tests.local_cluster import Proc, free_port, wait_until
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 

@@ -1,4 +1,4 @@
-"""What a worker does with each delivery of a job id (service.celery_tasks.handle), on a real
+"""What a worker does with each delivery of a job id (service.jobs.celery_tasks.handle), on a real
 Redis job store and the real job code: run it, recover it from a dead worker, defer it while
 a live worker still runs it, or skip it when it is finished or deleted."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.celery_tasks import StillRunning, handle
-from service.redis_store import RedisJobStore
+from service.jobs.celery_tasks import StillRunning, handle
+from service.jobs.redis_store import RedisJobStore
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,12 +93,12 @@ def test_a_deleted_job_is_skipped(store: RedisJobStore, settings: Settings) -> N
 
 
 def test_importing_the_worker_loads_no_model_and_leaves_cuda_alone() -> None:
-    """Models load in the worker's inference child (service.sandbox), never when Celery imports
+    """Models load in the worker's inference child (service.jobs.sandbox), never when Celery imports
     the tasks: the supervising process does not even import torch."""
     import subprocess
     import sys
 
-    code = "import sys, service.celery_tasks; print('torch' in sys.modules)"
+    code = "import sys, service.jobs.celery_tasks; print('torch' in sys.modules)"
     env = {"MERC_QUEUE": "redis://127.0.0.1:1/0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.local_cluster import ROOT, LocalCluster, sample_conversation, sample_wav
-from service.redis_store import RedisJobStore
+from service.jobs.redis_store import RedisJobStore
 from tests.distributed.conftest import needs_redis
+from tests.local_cluster import ROOT, LocalCluster, sample_conversation, sample_wav
 
 MODEL = "sdt-meld7"  # a MiniLM bundle: the fastest text encoder keeps the test short
 pytestmark = [
@@ -170,7 +170,7 @@ def test_killed_worker_leaves_no_job_lost_or_stuck(cluster: LocalCluster, api: h
 def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster: LocalCluster, api) -> None:
     """Issue 12: ids and the duplicate check are decided under a lease in Redis, so two API
     replicas (and two workers) appending to one conversation at once lose no turn."""
-    from service.local_cluster import Proc, free_port, merc_command, wait_until
+    from tests.local_cluster import Proc, free_port, merc_command, wait_until
 
     port = free_port()
     cmd = merc_command("serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
@@ -209,7 +209,7 @@ def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster
 
 def test_api_process_never_maps_libtorch_and_stays_small(cluster: LocalCluster, api) -> None:
     """Issue 12, item 10: the API validates from manifests; appends and media run on the workers."""
-    from service.local_cluster import wait_until
+    from tests.local_cluster import wait_until
 
     ids = [submit_text(api, 5), submit_audio(api)]
     wait_all(api, ids, timeout=60)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from service.gpu import claim_slot, renew_slot
-from service.redis_store import RedisJobStore
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED
+from service.jobs.redis_store import RedisJobStore
+from service.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ def test_gpu_claims_give_each_worker_its_own_gpu(store: RedisJobStore) -> None:
 
 
 def test_sweep_deletes_expired_jobs_with_their_files(store: RedisJobStore) -> None:
-    from service.retention import sweep_expired
+    from service.jobs.retention import sweep_expired
 
     done, running = _job(store), _job(store)
     for job_id in (done, running):

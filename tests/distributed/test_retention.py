@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from service.retention import sweep_expired
-from service.store import JobStore
+from service.jobs.retention import sweep_expired
+from service.jobs.store import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

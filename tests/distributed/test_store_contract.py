@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from service.redis_store import RedisJobStore
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Busy, JobStore, JobStoreProtocol
+from service.jobs.redis_store import RedisJobStore
+from service.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Busy, JobStore, JobStoreProtocol
 
 KINDS = ["sqlite", pytest.param("redis", marks=pytest.mark.skipif(not shutil.which("redis-server"), reason="no redis"))]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.callbacks import callback_problem
+from service.jobs.callbacks import callback_problem
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,8 @@ def speaker_dataset(folder: Path, seed: int = 0) -> Path:
 
 @pytest.mark.slow
 def test_speaker_norm_is_trained_stored_evaluated_and_served_alike(tmp_path: Path) -> None:
-    from service.pipeline import score
-    from service.predictor import Predictor
+    from service.inference.pipeline import score
+    from service.inference.predictor import Predictor
 
     data, bundle = speaker_dataset(tmp_path / "toy"), tmp_path / "bundle"
     res = merc(
@@ -86,9 +86,9 @@ def test_committed_emodb7_bundle_is_small_and_describes_its_normalisation() -> N
 @pytest.mark.slow
 def test_emodb7_bundle_uses_audio_for_every_utterance_of_real_speech(tmp_path: Path) -> None:
     """Three dev-speaker utterances in one wav, with a transcript: the fused model reads their audio."""
+    from service.inference.pipeline import MediaInput, run_conversation
+    from service.inference.predictor import Predictor
     from service.media.decode import decode_media
-    from service.pipeline import MediaInput, run_conversation
-    from service.predictor import Predictor
 
     conv = next(c for c in read_jsonl(EMODB7 / "dev.jsonl") if c.utterances[0].speaker == "speaker13")
     utts, signals, t = [], [], 0.0

@@ -44,7 +44,7 @@ def _write_dataset(folder: Path) -> Path:
 def extractor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
     """(dataset folder, extractor folder, the in-memory fine-tuned classifier)."""
     pytest.importorskip("peft")
-    from service.text_finetuning import finetune_text
+    from service.offline.text_finetuning import finetune_text
 
     root = tmp_path_factory.mktemp("ft")
     data = _write_dataset(root / "tiny3")
@@ -58,7 +58,7 @@ def extractor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, obj
         seed=0,
     )
     captured = {}
-    import service.text_finetuning as tf
+    import service.offline.text_finetuning as tf
 
     original = tf.finetune_text_encoder
 
@@ -98,7 +98,7 @@ def test_tiny_finetune_fits_and_reloads_identically(extractor) -> None:
 
 @pytest.fixture(scope="module")
 def bundle(extractor, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.training import train_bundle
+    from service.offline.training import train_bundle
 
     data, folder, _ = extractor
     weights = tmp_path_factory.mktemp("weights")
@@ -110,8 +110,8 @@ def bundle(extractor, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bundle_carries_its_extractor_and_predicts(bundle: Path, extractor) -> None:
-    from service.pipeline import run_conversation
-    from service.predictor import Predictor
+    from service.inference.pipeline import run_conversation
+    from service.inference.predictor import Predictor
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     entry = manifest["feature_spec"]["text"]
@@ -126,7 +126,7 @@ def test_bundle_carries_its_extractor_and_predicts(bundle: Path, extractor) -> N
 
 def test_changed_adapter_is_refused(bundle: Path, tmp_path: Path) -> None:
     from service.features.finetuned import get_finetuned_encoder
-    from service.predictor import Predictor
+    from service.inference.predictor import Predictor
 
     copy = tmp_path / "sdt-tampered"
     shutil.copytree(bundle, copy)
@@ -173,8 +173,8 @@ def test_service_serves_the_finetuned_bundle_with_append(bundle: Path, tmp_path:
 
 def test_out_of_fold_train_features(extractor, tmp_path: Path) -> None:
     from service.features.finetuned import FinetunedTextEncoder, spec_entry
-    from service.text_finetuning import oof_features
-    from service.training import train_bundle
+    from service.offline.text_finetuning import oof_features
+    from service.offline.training import train_bundle
 
     data, folder, _ = extractor
     copy = tmp_path / "extractor"

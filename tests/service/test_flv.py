@@ -11,8 +11,8 @@ import pytest
 from models.data import Conversation, Utterance
 from service.api.media import inspect_media, sniff
 from service.features.registry import make_spec
+from service.inference.pipeline import MediaInput, extract_features
 from service.media.decode import SAMPLE_RATE, decode_media, open_media
-from service.pipeline import MediaInput, extract_features
 from tests.service.media_helpers import SHARED_MEDIA
 
 CREMAD = SHARED_MEDIA / "cremad"

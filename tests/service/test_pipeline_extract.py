@@ -1,4 +1,4 @@
-"""service.pipeline (the worker's code path), `merc extract` (resumable, bad files skipped) and `merc predict`."""
+"""service.inference.pipeline (the worker's code path), `merc extract` (resumable, skips bad files), `merc predict`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from models.data import parse_conversation, read_jsonl
 from service.features.registry import make_spec
-from service.pipeline import MediaError, MediaInput, extract_features, extract_features_many
+from service.inference.pipeline import MediaError, MediaInput, extract_features, extract_features_many
 from tests.service.media_helpers import SHARED_MEDIA, tone, write_video
 from tests.service.test_cli import ROOT, merc
 

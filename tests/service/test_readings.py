@@ -1,4 +1,4 @@
-"""Face and voice readings beside the fused distribution (service.readings, service.pipeline), on real media.
+"""Face and voice readings beside the fused distribution (service.inference.readings and .pipeline), on real media.
 
 Media: the CREMA-D clips (a face speaking), the Emo-DB wavs (speech, no video), the face videos of
 ../shared/media (one with a silent sound track), no_face.mp4 (sound, no face) and generated silence.
@@ -14,7 +14,7 @@ import pytest
 
 from models.data import Conversation, Utterance, parse_conversation, read_jsonl
 from service.features.speaker_norm import SpeakerNormaliser
-from service.pipeline import MediaInput, extract_features, run_conversation
+from service.inference.pipeline import MediaInput, extract_features, run_conversation
 from tests.service.media_helpers import ROOT, SHARED_MEDIA, write_wav
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -25,7 +25,7 @@ VOICE_LABELS = ["neutral", "anger", "boredom", "disgust", "fear", "happiness", "
 
 @pytest.fixture(scope="module")
 def predictor():
-    from service.predictor import Predictor
+    from service.inference.predictor import Predictor
 
     return Predictor("dmd-meld7", "cpu", weights_dir=ROOT / "weights")
 
@@ -117,7 +117,7 @@ def test_face_video_with_speech_gets_face_and_voice_readings(predictor) -> None:
     assert {"training_data", "licence", "accuracy", "pooling"} <= set(top["face"]) & set(top["voice"])
     plain, _ = extract_features(conv, predictor.feature_spec, MediaInput(video=CREMAD), "cpu", readings=False)
     assert plain.readings is None  # readings stand beside the fused distribution and never change it
-    from service.pipeline import score
+    from service.inference.pipeline import score
 
     again = score(predictor, conv, plain, ["text", "audio", "visual"], {})
     assert [u["distribution"] for u in again["utterances"]] == [u["distribution"] for u in result["utterances"]]
@@ -174,10 +174,10 @@ def test_a_tenth_of_a_second_and_uncuttable_transcripts(predictor) -> None:
 @needs_shared
 @pytest.mark.slow
 def test_worker_job_results_carry_readings(tmp_path: Path) -> None:
-    """The job runner's code path (service.inference) gets readings from the pipeline unchanged."""
+    """The job runner's code path (service.jobs.runner) gets readings from the pipeline unchanged."""
     import shutil
 
-    from service.inference import run_conversation_job
+    from service.jobs.runner import run_conversation_job
     from service.settings import Settings
 
     shutil.copy(CREMAD, tmp_path / "video.flv")

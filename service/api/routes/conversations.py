@@ -17,9 +17,9 @@ from service.api.errors import Problem, validation_problem
 from service.api.media import inspect_media
 from service.api.multipart import FormParts, read_form
 from service.api.schemas import AppendIn, AppendOut, AppendPending, ConversationIn, JobOut
+from service.jobs.store import FAILED, SUCCEEDED, Busy, JobStore
+from service.jobs.worker import APPEND, create_append, error_status
 from service.settings import Settings
-from service.store import FAILED, SUCCEEDED, Busy, JobStore
-from service.worker import APPEND, create_append, error_status
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(require_api_key)])

@@ -6,9 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from service.api.catalogue import CatalogueError, bundle_info, bundle_names
 from service.api.deps import SettingsDep, require_api_key
 from service.api.schemas import ModelsOut
-from service.catalogue import CatalogueError, bundle_info, bundle_names
 
 router = APIRouter(
     prefix="/v1/models",

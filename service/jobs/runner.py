@@ -2,8 +2,8 @@
 
 This is the only part of the job path that imports torch and loads bundles. It works on a
 job's files (``jobs/<id>/request.json``, media, ``features.npz``) and returns results and
-features to the job runner (``service.worker``), which owns the store, locks and
-transitions. ``service.sandbox`` calls these functions in a child process it can kill when
+features to the job runner (``service.jobs.worker``), which owns the store, locks and
+transitions. ``service.jobs.sandbox`` calls these functions in a child process it can kill when
 a job runs past ``MERC_JOB_TIMEOUT_S``.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 
 from models.data import Conversation, parse_conversation
 from service import metrics
-from service.datasets import INLINE
+from service.features.datasets import INLINE
 from service.features.registry import extractor_for
-from service.jobfiles import load_features, save_features, write_json
-from service.pipeline import MediaInput, extract_features, supplied_modalities, transcribe_media
-from service.pipeline import score as pipeline_score
-from service.predictor import FeatureLists, Predictor
+from service.inference.pipeline import MediaInput, extract_features, supplied_modalities, transcribe_media
+from service.inference.pipeline import score as pipeline_score
+from service.inference.predictor import FeatureLists, Predictor
+from service.jobs.files import load_features, save_features, write_json
 from service.settings import Settings
 
 log = logging.getLogger("merc.inference")
@@ -86,9 +86,11 @@ def score(
     media: MediaInput,
     timings: dict,
     transcript: dict | None = None,
+    future_known: bool = True,
 ) -> dict:
-    """The result document (see service.pipeline.score); refuses non-finite probabilities."""
-    result = pipeline_score(predictor, conv, features, supplied_modalities(conv, media), timings, transcript)
+    """The result document (see service.inference.pipeline.score); refuses non-finite probabilities."""
+    supplied = supplied_modalities(conv, media)
+    result = pipeline_score(predictor, conv, features, supplied, timings, transcript, future_known=future_known)
     check_finite(result)
     for stage, seconds in result["timings"].items():
         if seconds > 0:  # stages that did not run this time (no media) are not observed

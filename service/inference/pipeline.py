@@ -32,10 +32,10 @@ import numpy as np
 
 from models.common import MODALITIES
 from models.data import Conversation, DataError, inline_features
-from service.datasets import INLINE, text_vectors
+from service.features.datasets import INLINE, text_vectors
 from service.features.registry import extractor_for
+from service.inference.predictor import Predictor, unusable_modalities
 from service.media.decode import MediaError, Window, cut, decode_media, open_media
-from service.predictor import Predictor, unusable_modalities
 
 __all__ = [
     "STAGES",
@@ -86,7 +86,7 @@ def _audio_job(jobs: list[tuple[int, Path, list[Window]]], entries, device, outs
 
     ``entries``: output key ("audio", or "voice_reading" for the voice reading) -> feature-spec entry;
     identical entries are computed once. With "voice_reading", ``outs[k]["voice_speech"]`` gets the
-    seconds of speech of each cut (service.readings.speech_seconds).
+    seconds of speech of each cut (service.inference.readings.speech_seconds).
     """
     try:
         cuts, owners = [], []
@@ -108,7 +108,7 @@ def _audio_job(jobs: list[tuple[int, Path, list[Window]]], entries, device, outs
                 outs[k][key][i] = vec
         timings["audio"] += time.perf_counter() - started
         if "voice_reading" in entries:
-            from service.readings import speech_seconds
+            from service.inference.readings import speech_seconds
 
             for k, _, windows in jobs:
                 outs[k]["voice_speech"] = [0.0] * len(windows)
@@ -136,7 +136,7 @@ def _visual(jobs: list[tuple[int, Path, list[Window]]], entry, device, outs: lis
         results = batch.finish()
     finally:
         batch.close()
-    from service.readings import face_readings
+    from service.inference.readings import face_readings
 
     for (k, session), vectors in zip(sessions, results, strict=True):
         if key != "face_reading":
@@ -200,7 +200,7 @@ def _media_features(convs, spec, medias: Sequence[MediaInput | None], device: st
 class FeatureSet(dict):
     """modality -> one vector (D,) or None per utterance, plus the media ``readings`` of the utterances.
 
-    ``readings``: per utterance ``{"face": ..., "voice": ...}`` (service.readings), None when no
+    ``readings``: per utterance ``{"face": ..., "voice": ...}`` (service.inference.readings), None when no
     readings were made (no media, or ``readings=False``); ``reading_models``: the top-level
     descriptions of the reading models that ran. Only the modality keys are features.
     """
@@ -263,7 +263,7 @@ def extract_features_many(
 def _reading_spec() -> dict[str, dict]:
     """The readings' extractor entries ("voice_reading", "face_reading") that this host can run."""
     from service.features.registry import make_spec
-    from service.readings import FACE_READING_OPTIONS, load_voice_model_or_none
+    from service.inference.readings import FACE_READING_OPTIONS, load_voice_model_or_none
 
     out = {}
     voice = load_voice_model_or_none()
@@ -278,7 +278,7 @@ def _reading_spec() -> dict[str, dict]:
 
 def _readings(conv: Conversation, media: MediaInput, out: dict, reading_spec: dict) -> tuple[list, dict]:
     """Per utterance readings of one conversation and the descriptions of the models that made them."""
-    from service import readings as rd
+    from service.inference import readings as rd
 
     n = len(conv.utterances)
     face = voice = None
@@ -400,7 +400,7 @@ def score(
     if context is not None:
         result["text_context"] = context
     if getattr(features, "readings", None) is not None:  # beside the fused distribution, never instead
-        from service.readings import attach
+        from service.inference.readings import attach
 
         attach(result, features.readings, features.reading_models or {})
     return result

@@ -26,9 +26,9 @@ from models.data import (
 from models.registry import make_config, model_class
 from models.report import plot_training_curve
 from models.train import TrainConfig, fit, train_defaults
-from service.datasets import conversation_features, dataset_feature_spec, encode_dataset
+from service.features.datasets import conversation_features, dataset_feature_spec, encode_dataset
 from service.features.speaker_norm import NORM_FILE, SpeakerNormaliser, speaker_normalised
-from service.text_finetuning import is_finetune_option, prepare_finetuned_text
+from service.offline.text_finetuning import is_finetune_option, prepare_finetuned_text
 
 
 def code_version() -> dict[str, str]:
@@ -85,8 +85,8 @@ def encode_normalised(
     device: str = "auto",
     progress: bool = True,
 ) -> list[EncodedConversation]:
-    """:func:`service.datasets.encode_dataset` with ``norms``' modalities normalised per speaker in each
-    conversation (the transform service.pipeline.bundle_inputs applies at serve time)."""
+    """:func:`service.features.datasets.encode_dataset` with ``norms``' modalities normalised per speaker in each
+    conversation (the transform service.inference.pipeline.bundle_inputs applies at serve time)."""
     feats = conversation_features(convs, spec, device, progress)
     dims = {m: int(e["dim"]) for m, e in spec.items()}
     out = []

@@ -14,7 +14,7 @@ Layout of ``MERC_DATA_DIR``::
 Any process may open the store (WAL mode): the API, in-process worker threads, or
 separate worker processes (issue #5). Status moves queued -> running -> succeeded | failed;
 ``start`` is atomic, so two workers never run the same job, and ``finish`` only ends a
-running job. ``JobStoreProtocol`` is the interface shared with ``service.redis_store``.
+running job. ``JobStoreProtocol`` is the interface shared with ``service.jobs.redis_store``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Busy(Exception):
 class JobStoreProtocol(Protocol):
     """What the API, the workers, retention and callback delivery need from a job store.
 
-    Implemented by ``JobStore`` (SQLite, one host) and ``service.redis_store.RedisJobStore``
+    Implemented by ``JobStore`` (SQLite, one host) and ``service.jobs.redis_store.RedisJobStore``
     (distributed mode); ``tests/distributed/test_store_contract.py`` runs one suite on both.
     """
 
@@ -257,7 +257,7 @@ class JobStore:
         return {"requeued": requeued, "failed": failed}
 
     def expired(self, retention_s: float) -> list[str]:
-        """Ids of jobs finished more than ``retention_s`` seconds ago (see service.retention)."""
+        """Ids of jobs finished more than ``retention_s`` seconds ago (see service.jobs.retention)."""
         cutoff = time.time() - retention_s
         rows = (
             self._db()
@@ -296,7 +296,7 @@ class JobStore:
     # ------------------------------------------------------------ the callback outbox
 
     def outbox_add(self, job_id: str, url: str, body: dict[str, Any]) -> str:
-        """Queue one POST of ``body`` to ``url``, due now (delivered by service.callbacks.Deliverer)."""
+        """Queue one POST of ``body`` to ``url``, due now (delivered by service.jobs.callbacks.Deliverer)."""
         item_id = uuid.uuid4().hex
         with self._tx() as db:
             db.execute(

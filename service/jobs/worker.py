@@ -1,7 +1,7 @@
 """Job lifecycle, independent of the web framework: the job runner.
 
 ``process_job(job_id)`` is the whole unit of work: it moves the job queued -> running, runs
-its inference in a killable child process (``service.sandbox``; ``service.inference`` does
+its inference in a killable child process (``service.jobs.sandbox``; ``service.jobs.runner`` does
 the work), stops it at ``MERC_JOB_TIMEOUT_S``, and stores the result or a problem+json error.
 Two kinds of job exist:
 
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from service import metrics
-from service.callbacks import callback_body
-from service.jobfiles import read_json, save_features, write_json
-from service.sandbox import ChildDied, ChildRunner, JobTimeout, RemoteError
+from service.jobs.callbacks import callback_body
+from service.jobs.files import read_json, save_features, write_json
+from service.jobs.sandbox import ChildDied, ChildRunner, JobTimeout, RemoteError
+from service.jobs.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Busy, JobStore
 from service.settings import Settings, get_settings
-from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Busy, JobStore
 
 log = logging.getLogger("merc.worker")
 

@@ -2,7 +2,7 @@
 
 Each job runner (an in-process worker thread of ``merc serve``, or a Celery worker) owns one
 ``ChildRunner``: a spawned process that imports torch, loads bundles once and runs the
-``service.inference`` function it is sent. The parent waits for the answer at most the job's
+``service.jobs.runner`` function it is sent. The parent waits for the answer at most the job's
 time limit; past it, the child is killed (SIGKILL: a model call cannot be interrupted
 otherwise), the job fails with a reason naming the limit, and the next job gets a fresh child
 (which loads its models again). A child that dies (out of memory, a crash in native code)
@@ -61,7 +61,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _child_main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     """The child's loop: receive (function name, kwargs), answer ("ok", value) or ("error", ...)."""
     _die_with_parent(parent_pid)
-    from service import inference
+    from service.jobs import runner as inference
     from service.logging import setup_logging
 
     setup_logging(level="WARNING")
@@ -107,7 +107,7 @@ class ChildRunner:
         return self._conn
 
     def call(self, op: str, timeout_s: float, **kwargs: Any) -> Any:
-        """Run ``service.inference.<op>(**kwargs)`` in the child; JobTimeout past ``timeout_s``."""
+        """Run ``service.jobs.runner.<op>(**kwargs)`` in the child; JobTimeout past ``timeout_s``."""
         with self._lock:
             conn = self._ensure()
             started = time.monotonic()

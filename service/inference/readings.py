@@ -101,13 +101,17 @@ def face_readings(chosen: Sequence[Sequence[Any]], frames_sampled: Sequence[int]
     return out
 
 
+MIN_SPEECH_SECONDS = 0.2  # below this a cut is noise or a breath: no voice reading is made from it
+
+
 def voice_readings(
     model, vectors: Sequence[np.ndarray | None], speakers: Sequence[str], speech: Sequence[float | None]
 ) -> list[dict[str, Any] | None]:
-    """Per utterance of one conversation: the voice reading, or None where its audio is absent."""
+    """Per utterance of one conversation: the voice reading, or None where its audio is absent or holds
+    less than MIN_SPEECH_SECONDS of speech."""
     out: list[dict[str, Any] | None] = []
     for p, seconds in zip(model.predict(vectors, speakers), speech, strict=True):
-        if p is None:
+        if p is None or (seconds is not None and seconds < MIN_SPEECH_SECONDS):
             out.append(None)
             continue
         emotion, dist = _top(p, model.labels)

@@ -1,6 +1,6 @@
 """The job store of distributed mode: job state in Redis, job files on the shared volume.
 
-Same interface as the SQLite ``service.store.JobStore`` (the API and ``process_job`` use
+Same interface as the SQLite ``service.jobs.store.JobStore`` (the API and ``process_job`` use
 either), chosen when ``MERC_QUEUE`` is set. Why Redis and not SQLite on the shared volume:
 worker hosts reach Redis anyway (it is the broker), SQLite's locking is unsafe on network
 file systems, and an API restart or a second API replica sees every job at once.
@@ -34,7 +34,8 @@ from typing import Any
 
 import redis
 
-from service.store import (
+from service.jobs.files import atomic_write
+from service.jobs.store import (
     FAILED,
     QUEUED,
     RUNNING,
@@ -336,10 +337,8 @@ class RedisJobStore:
         if not folder.is_dir():
             return False
         text = dumps(result) or "null"  # ValueError for NaN before anything is written
-        tmp = folder / f"result.{uuid.uuid4().hex}.tmp"
         try:
-            tmp.write_text(text)
-            tmp.replace(folder / name)
+            atomic_write(folder / name, lambda tmp: tmp.write_text(text))
         except FileNotFoundError:  # deleted meanwhile
             return False
         return True

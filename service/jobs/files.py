@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,22 @@ import numpy as np
 FeatureLists = dict[str, list[np.ndarray | None]]
 
 
+def atomic_write(path: Path, write: Callable[[Path], Any], suffix: str = ".tmp") -> None:
+    """The one atomic-write helper: ``write(tmp)`` a sibling temporary file, then rename it onto
+    ``path`` (readers see the old or the new file, never half of one). FileNotFoundError if the
+    folder is gone (a deleted job); the temporary file never outlives a failed write."""
+    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}{suffix}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, value: Any) -> None:
     """``value`` as JSON at ``path``, atomically (FileNotFoundError if the folder is gone)."""
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(value, allow_nan=False))
-    tmp.replace(path)
+    text = json.dumps(value, allow_nan=False)  # ValueError for NaN before anything is written
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> Any:
@@ -38,9 +50,7 @@ def save_features(path: Path, features: FeatureLists, n: int) -> None:
             if v is not None:
                 arr[i], present[i] = v, True
         arrays[m], arrays[f"{m}__present"] = arr, present
-    tmp = path.with_name(f"features.{uuid.uuid4().hex}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".tmp.npz")
 
 
 def load_features(path: Path) -> FeatureLists:

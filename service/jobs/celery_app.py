@@ -1,9 +1,9 @@
 """The Celery application of distributed mode: Redis as broker, GPU workers pull jobs.
 
 ``MERC_QUEUE=redis://host:6379/0`` switches the API from its in-process worker to this
-queue; ``merc worker`` (``celery -A service.celery_app worker``) runs the task defined in
-``service.celery_tasks``. Only a job id travels through Redis: media, features and results
-stay on the shared volume, job state in the Redis job store (``service.redis_store``).
+queue; ``merc worker`` (``celery -A service.jobs.celery_app worker``) runs the task defined in
+``service.jobs.celery_tasks``. Only a job id travels through Redis: media, features and results
+stay on the shared volume, job state in the Redis job store (``service.jobs.redis_store``).
 
 Delivery guarantees: a message is acknowledged after the job ran (``acks_late``); a worker
 killed mid-job never acknowledges it, so Redis hands it to another worker once
@@ -47,7 +47,7 @@ def get_queue_settings() -> QueueSettings:
 def celery_config(qs: QueueSettings, job_timeout_s: float | None = None) -> dict[str, Any]:
     """One worker process per GPU: solo pool, one message at a time, acknowledged after the job.
 
-    Jobs are stopped at ``job_timeout_s`` by the worker's own supervision (service.sandbox);
+    Jobs are stopped at ``job_timeout_s`` by the worker's own supervision (service.jobs.sandbox);
     Celery's soft and hard time limits sit a little above it as a backstop (pools that enforce them).
     """
     if job_timeout_s is None:
@@ -85,10 +85,10 @@ def celery_config(qs: QueueSettings, job_timeout_s: float | None = None) -> dict
 
 
 def make_app(qs: QueueSettings | None = None) -> Celery:
-    """The Celery app for ``qs.queue`` (broker and result backend); tasks in service.celery_tasks."""
+    """The Celery app for ``qs.queue`` (broker and result backend); tasks in service.jobs.celery_tasks."""
     qs = qs or get_queue_settings()
     url = qs.queue or "redis://localhost:6379/0"
-    app = Celery("merc", broker=url, backend=url, include=["service.celery_tasks"])
+    app = Celery("merc", broker=url, backend=url, include=["service.jobs.celery_tasks"])
     app.conf.update(celery_config(qs))
     return app
 
@@ -104,10 +104,10 @@ def open_store(settings: Any, qs: QueueSettings | None = None, api: bool = False
     """
     qs = qs or get_queue_settings()
     if not qs.queue:
-        from service.store import JobStore
+        from service.jobs.store import JobStore
 
         return JobStore(settings.data_dir)
-    from service.redis_store import RedisJobStore
+    from service.jobs.redis_store import RedisJobStore
 
     store = RedisJobStore(qs.queue, Path(settings.data_dir))
     store.on_delete = forget

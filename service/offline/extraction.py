@@ -10,7 +10,7 @@ Media lookup, per conversation:
 
 Output: the same ``*.jsonl`` files with ``features.audio`` / ``features.visual`` per utterance (left
 out where the modality is absent) and a ``dataset.json`` whose ``feature_spec`` names the real
-extractors, versions and options, which ``merc train`` reads (see service/datasets.py). Text stays
+extractors, versions and options, which ``merc train`` reads (see service/features/datasets.py). Text stays
 text: the trainer encodes it (cached).
 
 Resumable: each split is written to ``{split}.jsonl.partial`` one conversation per line and renamed
@@ -29,8 +29,8 @@ from typing import Any
 from tqdm import tqdm
 
 from models.data import Conversation, DataError, Utterance, parse_conversation, read_dataset_info
+from service.inference.pipeline import MediaInput, extract_features
 from service.media.decode import AUDIO_SUFFIXES, VIDEO_SUFFIXES, MediaError
-from service.pipeline import MediaInput, extract_features
 
 MEDIA_MODALITIES = ("audio", "visual")
 

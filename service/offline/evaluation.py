@@ -12,9 +12,9 @@ from models.data import DataError, read_jsonl
 from models.metrics import missing_rate_summary
 from models.report import write_report
 from models.train import resolve_device, score
-from service.datasets import encode_dataset
+from service.features.datasets import encode_dataset
 from service.features.speaker_norm import bundle_normalisers
-from service.training import encode_normalised
+from service.offline.training import encode_normalised
 
 
 def evaluate_bundle(

@@ -1,14 +1,14 @@
 """The Celery task of ``merc worker`` and the worker process's start-up.
 
-The task wraps ``service.worker.process_job``, the same job code as the in-process worker
+The task wraps ``service.jobs.worker.process_job``, the same job code as the in-process worker
 of ``merc serve``. Around it, this module adds what a fleet of processes needs:
 
-* jobs run in a killable inference child (``service.sandbox``): models are loaded there once the
+* jobs run in a killable inference child (``service.jobs.sandbox``): models are loaded there once the
   worker is up (``worker_process_init``), never in a forked process, so CUDA is never forked;
   a job past ``MERC_JOB_TIMEOUT_S`` is stopped, fails with a reason, and the next job runs
   (Celery's own soft/hard limits are a backstop a little above it);
 * a heartbeat thread marks the worker alive in Redis; retention sweeps (one process per
-  interval, see ``service.retention``) and callback delivery (``service.callbacks``) run here too;
+  interval, see ``service.jobs.retention``) and callback delivery (``service.jobs.callbacks``) run here too;
 * a redelivered message whose job is still ``running`` means the worker running it died:
   the job is requeued, or failed with a reason after ``MERC_MAX_ATTEMPTS`` attempts;
 * job-level Prometheus metrics on ``MERC_WORKER_METRICS_PORT``; JSON logs with the job id.
@@ -27,16 +27,16 @@ from celery import signals
 from prometheus_client import Counter, Gauge, start_http_server
 
 from service import metrics
-from service.callbacks import Deliverer
-from service.celery_app import app, get_queue_settings, open_store, redispatch_stranded
 from service.gpu import pick_device, renew_slot
+from service.jobs.callbacks import Deliverer
+from service.jobs.celery_app import app, get_queue_settings, open_store, redispatch_stranded
+from service.jobs.redis_store import RedisJobStore
+from service.jobs.retention import sweep_round
+from service.jobs.sandbox import ChildRunner
+from service.jobs.store import FAILED, QUEUED, RUNNING
+from service.jobs.worker import CALLBACK_HOOKS, process_job
 from service.logging import job_context, setup_logging
-from service.redis_store import RedisJobStore
-from service.retention import sweep_round
-from service.sandbox import ChildRunner
 from service.settings import Settings, get_settings
-from service.store import FAILED, QUEUED, RUNNING
-from service.worker import CALLBACK_HOOKS, process_job
 
 log = logging.getLogger("merc.celery")
 

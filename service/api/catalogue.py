@@ -2,7 +2,7 @@
 
 The API validates requests (model names, inline feature sizes, labels for the docs) from
 manifests and never loads weights or imports torch: that is the workers' job
-(``service.inference``). Manifests are re-read when their file changes.
+(``service.jobs.runner``). Manifests are re-read when their file changes.
 """
 
 from __future__ import annotations
