@@ -39,6 +39,11 @@ _LOCK = threading.Lock()
 MAX_PADDING = 0.25
 
 
+def _cache_text(pair: tuple[str, str]) -> str:
+    """The embedding-cache key text of an encoder input (target and context, unit-separated)."""
+    return f"{pair[0]}\x1f{pair[1]}"
+
+
 def is_finetuned(entry: dict[str, Any]) -> bool:
     """Whether a text spec entry names a fine-tuned, context-aware extractor."""
     return str(entry.get("extractor", "")).startswith(PREFIX)
@@ -145,20 +150,20 @@ class FinetunedTextEncoder:
         return self._model is not None
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, input) in memory."""
+        """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, exact input) in memory
+        and on disk. The answer is built from this call's own lookups, so another thread clearing the
+        memory cache meanwhile cannot lose a row."""
         import torch
 
         from models.text_finetune import predict_pairs
 
-        keys = [(p[0], p[1]) for p in pairs]
-        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        pairs = [(p[0], p[1]) for p in pairs]  # hashable keys, whatever sequence type came in
+        with self._lock:
+            got = {k: self._cache[k] for k in dict.fromkeys(pairs) if k in self._cache}
+        todo = [k for k in dict.fromkeys(pairs) if k not in got]
         if todo and self.disk_cache is not None:
-            joined = [f"{a}\x1f{b}" for a, b in todo]
-            vectors, found = self.disk_cache.get_many(joined)
-            with self._lock:
-                for k, v, hit in zip(todo, vectors, found, strict=True):
-                    if hit:
-                        self._cache[k] = v
+            vectors, found = self.disk_cache.get_many([_cache_text(k) for k in todo])
+            got.update((k, v) for k, v, hit in zip(todo, vectors, found, strict=True) if hit)
             todo = [k for k, hit in zip(todo, found, strict=True) if not hit]
         if todo:
             self.load()
@@ -172,16 +177,16 @@ class FinetunedTextEncoder:
             finally:
                 torch.set_num_threads(previous)
             self.texts_encoded += len(todo)
-            with self._lock:
-                if len(self._cache) > 200_000:
-                    self._cache.clear()
-                for k, v in zip(todo, pooled, strict=True):
-                    self._cache[k] = v
+            got.update(zip(todo, pooled, strict=True))
             if self.disk_cache is not None:
-                self.disk_cache.put_many([f"{a}\x1f{b}" for a, b in todo], pooled)
+                self.disk_cache.put_many([_cache_text(k) for k in todo], pooled)
+        with self._lock:
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache.update(got)
         out = np.zeros((len(pairs), self.dim), np.float32)
-        for i, k in enumerate(keys):
-            out[i] = self._cache[k]
+        for i, k in enumerate(pairs):
+            out[i] = got[k]
         return out
 
     def conversation_vectors(
