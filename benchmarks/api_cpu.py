@@ -15,7 +15,10 @@ Prints, for the default bundle:
 Run (about 5 minutes on 2 busy cores)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/api_cpu.py [--threads 1] [--n 50] [--model NAME]
-        [--clients-list 1,4,16] [--per-client 8] [--total 1000]
+        [--clients-list 1,4,16] [--per-client 8] [--total 1000] [--workers 1] [--batch-max 16]
+
+Concurrent requests are micro-batched by the job runner (``MERC_BATCH_MAX``, ``MERC_BATCH_WAIT_MS``):
+``--batch-max 1`` times the runner without it; ``--workers 2`` runs two inference children.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="bundle to time [the service default, MERC_DEFAULT_MODEL]")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of the server")
+    ap.add_argument("--workers", type=int, default=1, help="in-process worker threads (MERC_WORKERS), a child each")
+    ap.add_argument("--batch-max", type=int, default=None, help="MERC_BATCH_MAX (1: no micro-batching) [settings]")
     ap.add_argument("--n", type=int, default=50, help="requests per latency figure")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument(
@@ -158,10 +163,15 @@ def main() -> None:
     (tmp / "data").mkdir()
     args.model = args.model or Settings().default_model
     env = {"MERC_DEFAULT_MODEL": args.model, "MERC_TORCH_THREADS": str(args.threads), "OMP_NUM_THREADS": "1"}
+    env["MERC_WORKERS"] = str(args.workers)
+    if args.batch_max is not None:
+        env["MERC_BATCH_MAX"] = str(args.batch_max)
     server = Server(tmp / "data", tmp / "cache", **env).start()
     proc = psutil.Process(server.proc.pid)
     load = Load(server.url, args.model)
-    out: dict = {"model": args.model, "torch_threads": args.threads, "cpus": psutil.cpu_count()}
+    out: dict = {"model": args.model, "torch_threads": args.threads, "workers": args.workers}
+    out["cpus"] = psutil.cpu_count()
+    out["batch_max"] = args.batch_max or Settings().batch_max
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             bundle = next(m for m in client.get("/v1/models").json()["models"] if m["name"] == args.model)

@@ -263,3 +263,30 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, heads: int, 
         dropout_p=dropout_p,
     )  # fmt: skip
     return merge_heads(ctx)
+
+
+def int8_linear(module: nn.Module, min_weights: int = 1 << 18) -> nn.Module:
+    """A copy of ``module`` with its large ``nn.Linear`` layers dynamically quantized for CPU inference:
+    int8 weights per output channel, activations quantized per call (torch.ao dynamic quantization).
+    Small batches on CPU are bound by reading the weights, which this makes 4x smaller. Layers under
+    ``min_weights`` weights (e.g. 512 x 512) stay float: there quantizing the activations costs more
+    than it saves (DMD and ITEACH-Net, whose layers are small, ran 1.1-2.5x slower quantized whole,
+    docs/benchmarks.md). Inference only.
+
+    A module whose code reads a child Linear's ``weight`` itself (not through its forward) lists that
+    child in a class attribute ``int8_skip``; those stay float."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    skip = {
+        f"{name}.{child}".lstrip(".") for name, m in module.named_modules() for child in getattr(m, "int8_skip", ())
+    }
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and name not in skip and m.weight.numel() >= min_weights
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(module, spec, dtype=torch.qint8)

@@ -152,6 +152,8 @@ class DMDConfig(FusionConfig):
 class MaskedAttention(nn.Module):
     """Multi-head attention with an additive key bias. q (B, Nq, E), k/v (B, Nk, E)."""
 
+    int8_skip = ("in_proj",)  # its weight is sliced in forward (models.common.int8_linear)
+
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
         if dim % heads:

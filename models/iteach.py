@@ -221,6 +221,8 @@ class MLPMixer(nn.Module):
     Absent/padded inputs are zeroed; the ECCE bias is not used (no mix map).
     """
 
+    int8_skip = ("fc1", "fc2")  # their weights are sliced in forward (models.common.int8_linear)
+
     def __init__(self, max_len: int) -> None:
         super().__init__()
         self.max_len = max_len

@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
 IGNORE_INDEX = -100
 """Targets equal to this (padding, unlabelled utterances) are dropped before scoring."""
@@ -84,6 +83,8 @@ def classification_metrics(y_true: Any, y_pred: Any, labels: Sequence[str]) -> d
             raise ValueError(f"{name} has class index {int(arr[bad][0])} outside [0, {n_classes})")
 
     class_ids = list(range(n_classes))
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score  # ~100 MB: when used
+
     per_class = f1_score(true, pred, labels=class_ids, average=None, zero_division=0)
     recall = recall_score(true, pred, labels=class_ids, average=None, zero_division=0)
     cm = confusion_matrix(true, pred, labels=class_ids)

@@ -37,7 +37,9 @@ __all__ = [
     "ContextWindow",
     "FineTuneConfig",
     "TextClassifier",
+    "conversation_inputs",
     "conversation_pairs",
+    "conversation_turns",
     "finetune_text_encoder",
     "window_pairs",
 ]
@@ -60,19 +62,37 @@ class ContextWindow:
         future: following turns; used only when the whole conversation is known (``future_known``).
         speaker: prefix every turn with ``"Speaker: "``.
         max_length: token limit of the pair (the context is truncated first).
+        mode: ``"pairs"`` (one input per utterance, above) or ``"conversation"``
+            (models.text_chunks: each turn encoded once, in chunks under a turn-causal mask; ``past``
+            is then the turns carried before each chunk, ``future`` must be 0).
+        chunk: output turns per chunk (conversation mode).
+        turn_tokens: token limit of one turn (conversation mode).
     """
 
     past: int = 2
     future: int = 0
     speaker: bool = True
     max_length: int = 96
+    mode: str = "pairs"
+    chunk: int = 4
+    turn_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("pairs", "conversation"):
+            raise ValueError(f"context mode must be 'pairs' or 'conversation', got {self.mode!r}")
+        if self.mode == "conversation" and (self.future or self.chunk < 1 or self.turn_tokens < 1):
+            raise ValueError("conversation mode needs future 0, chunk >= 1 and turn_tokens >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.mode == "pairs":  # entries written before the conversation mode stay byte-identical
+            for k in ("mode", "chunk", "turn_tokens"):
+                d.pop(k)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextWindow:
-        return cls(**{k: data[k] for k in ("past", "future", "speaker", "max_length") if k in data})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def _turn(speaker: str | None, text: str, with_speaker: bool) -> str:
@@ -132,6 +152,24 @@ def conversation_pairs(
     ]
 
 
+def conversation_turns(convs: Sequence[Conversation], window: ContextWindow) -> list[list[str | None]]:
+    """Conversation mode's inputs: per conversation, each turn's ``"Speaker: text"`` or None (no text)."""
+    return [
+        [
+            _turn(u.speaker, u.text.strip(), window.speaker) if isinstance(u.text, str) and u.text.strip() else None
+            for u in c.utterances
+        ]
+        for c in convs
+    ]
+
+
+def conversation_inputs(convs: Sequence[Conversation], window: ContextWindow) -> list[list[Any]]:
+    """What :func:`finetune_text_encoder` reads per conversation in ``window.mode``."""
+    if window.mode == "conversation":
+        return conversation_turns(convs, window)
+    return conversation_pairs(convs, window)  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------------ the model
 
 
@@ -162,6 +200,22 @@ class TextClassifier(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = self.pool(batch)
+        return pooled, self.head(self.dropout(pooled))
+
+    def forward_chunks(
+        self, batch: dict[str, torch.Tensor], chunks: Sequence[Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conversation mode (models.text_chunks): ``batch`` from ``pad_chunks(chunks)``, ``attention_mask``
+        (B, L, L); returns ``(pooled (N, H), logits (N, C))`` over the chunks' outputs in order."""
+        from models.text_chunks import pool_chunks
+
+        allowed = batch["attention_mask"].bool()[:, None]  # (B, 1, L, L): a prepared mask, used as given
+        config = getattr(self.encoder, "config", None)
+        if getattr(config, "_attn_implementation", "eager") == "eager":  # eager adds the mask to the scores
+            blocked = torch.finfo(torch.float32).min
+            allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, blocked)
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=allowed).last_hidden_state
+        pooled = pool_chunks(hidden.float(), batch, chunks)
         return pooled, self.head(self.dropout(pooled))
 
 
@@ -382,12 +436,95 @@ def _flatten(
     return flat, ys
 
 
+class _PairTask:
+    """Training batches and dev predictions of the pair encoding (one input per utterance)."""
+
+    def __init__(self, tokenizer: Any, train: Any, dev: Any, cfg: FineTuneConfig) -> None:
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.x_train, self.y_train = _flatten(*train)
+        self.x_dev, self.y_dev = _flatten(*dev)
+        self.lengths = [len(a) + len(b) for a, b in self.x_train]
+        self.n_batches = math.ceil(len(self.x_train) / cfg.batch_size)
+
+    def epoch(self, rng: random.Random) -> list[tuple[Callable[[nn.Module, str], torch.Tensor], list[int]]]:
+        """``(logits_of(model, device), targets)`` per batch, shuffled."""
+
+        def run(idx: list[int]) -> Callable[[nn.Module, str], torch.Tensor]:
+            def logits_of(model: nn.Module, device: str) -> torch.Tensor:
+                batch = tokenize_pairs(self.tokenizer, [self.x_train[i] for i in idx], self.cfg.window.max_length)
+                return model({k: v.to(device) for k, v in batch.items()})[1]
+
+            return logits_of
+
+        batches = _batches(len(self.x_train), self.lengths, self.cfg.batch_size, rng)
+        return [(run(idx), [self.y_train[i] for i in idx]) for idx in batches]
+
+    def dev_probs(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+        _, probs = predict_pairs(model, self.tokenizer, self.x_dev, self.cfg.window.max_length, device, amp=amp)
+        return np.array(self.y_dev), probs
+
+
+class _ChunkTask:
+    """Training batches and dev predictions of the conversation mode (models.text_chunks).
+
+    A batch holds ``batch_size // chunk`` chunks (about ``batch_size`` labelled turns), length-bucketed;
+    every epoch draws a new chunk alignment per conversation."""
+
+    def __init__(self, tokenizer: Any, train: Any, dev: Any, cfg: FineTuneConfig) -> None:
+        from models.text_chunks import tokenize_turns
+
+        self.cfg, self.pad_id = cfg, tokenizer.pad_token_id or 0
+        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        w = cfg.window
+
+        def prepare(turns: Any, labels: Any) -> tuple[list[list[list[int]]], list[list[int]]]:
+            toks, ys = [], []
+            for conv, lab in zip(turns, labels, strict=True):
+                keep = [i for i, t in enumerate(conv) if t is not None]
+                toks.append(tokenize_turns(tokenizer, [conv[i] for i in keep], w.turn_tokens))
+                ys.append([lab[i] for i in keep])
+            return toks, ys
+
+        self.train, self.dev = prepare(*train), prepare(*dev)
+        self.per_batch = max(1, cfg.batch_size // w.chunk)
+        self.n_batches = math.ceil(len(self._chunks(self.train, random.Random(0))[0]) / self.per_batch)
+
+    def _chunks(self, data: Any, rng: random.Random | None) -> tuple[list[Any], list[list[int]]]:
+        from models.text_chunks import training_chunks
+
+        w = self.cfg.window
+        return training_chunks(data[0], data[1], self.cls_id, self.sep_id, w.past, w.chunk, rng)
+
+    def epoch(self, rng: random.Random) -> list[tuple[Callable[[nn.Module, str], torch.Tensor], list[int]]]:
+        from models.text_chunks import pad_chunks
+
+        chunks, ys = self._chunks(self.train, rng)
+
+        def run(part: list[Any]) -> Callable[[nn.Module, str], torch.Tensor]:
+            def logits_of(model: nn.Module, device: str) -> torch.Tensor:
+                batch = {k: v.to(device) for k, v in pad_chunks(part, self.pad_id).items()}
+                return model.forward_chunks(batch, part)[1]
+
+            return logits_of
+
+        lengths = [len(c.input_ids) for c in chunks]
+        batches = _batches(len(chunks), lengths, self.per_batch, rng)
+        return [(run([chunks[i] for i in idx]), [y for i in idx for y in ys[i]]) for idx in batches]
+
+    def dev_probs(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+        from models.text_chunks import predict_chunks
+
+        chunks, ys = self._chunks(self.dev, None)
+        _, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp)
+        return np.array([y for row in ys for y in row]), np.concatenate(probs)
+
+
 def finetune_text_encoder(
     encoder: nn.Module,
     tokenizer: Any,
     hidden: int,
-    train: tuple[Sequence[Sequence[tuple[str, str] | None]], Sequence[Sequence[int]]],
-    dev: tuple[Sequence[Sequence[tuple[str, str] | None]], Sequence[Sequence[int]]],
+    train: tuple[Sequence[Sequence[Any]], Sequence[Sequence[int]]],
+    dev: tuple[Sequence[Sequence[Any]], Sequence[Sequence[int]]],
     labels: Sequence[str],
     cfg: FineTuneConfig,
     device: str = "cpu",
@@ -396,20 +533,19 @@ def finetune_text_encoder(
 ) -> tuple[TextClassifier, list[dict[str, Any]]]:
     """Fine-tune ``encoder`` + a linear head for utterance classification; keep the best dev state.
 
-    ``train`` / ``dev`` are (pairs per conversation, label index per utterance (-1 = unlabelled)).
-    Selection: dev weighted F1, evaluated ``evals_per_epoch`` times per epoch; early stop after
-    ``patience`` evaluations without improvement. Returns the model in its best state (eval mode) and
-    the history (one dict per evaluation).
+    ``train`` / ``dev`` are (inputs per conversation, label index per utterance (-1 = unlabelled)); the
+    inputs are :func:`window_pairs` entries in pair mode, the turn strings (:func:`conversation_turns`)
+    in conversation mode. Selection: dev weighted F1, evaluated ``evals_per_epoch`` times per epoch;
+    early stop after ``patience`` evaluations without improvement. Returns the model in its best state
+    (eval mode) and the history (one dict per evaluation).
     """
     from tqdm import tqdm
 
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     model = TextClassifier(wrap_encoder(encoder, cfg), hidden, len(labels), cfg.pooling).to(device)
-    x_train, y_train = _flatten(*train)
-    x_dev, y_dev = _flatten(*dev)
-    lengths = [len(a) + len(b) for a, b in x_train]
-    steps_per_epoch = math.ceil(math.ceil(len(x_train) / cfg.batch_size) / cfg.grad_accum)
+    task = (_ChunkTask if cfg.window.mode == "conversation" else _PairTask)(tokenizer, train, dev, cfg)
+    steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     optim = torch.optim.AdamW(
@@ -425,18 +561,16 @@ def finetune_text_encoder(
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     best, best_state, bad, step = -1.0, None, 0, 0
-    eval_every = max(1, math.ceil(len(x_train) / cfg.batch_size / cfg.evals_per_epoch))
+    eval_every = max(1, math.ceil(task.n_batches / cfg.evals_per_epoch))
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        batches = _batches(len(x_train), lengths, cfg.batch_size, rng)
+        batches = task.epoch(rng)
         bar = tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_bar)
-        for b, idx in enumerate(bar):
-            batch = tokenize_pairs(tokenizer, [x_train[i] for i in idx], cfg.window.max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            target = torch.tensor([y_train[i] for i in idx], device=device)
+        for b, (logits_of, ys) in enumerate(bar):
+            target = torch.tensor(ys, device=device)
             with torch.autocast("cuda", enabled=use_amp):
-                _, logits = model(batch)
+                logits = logits_of(model, device)
                 loss = loss_fn(logits.float(), target) / cfg.grad_accum
             scaler.scale(loss).backward()
             if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
@@ -450,8 +584,8 @@ def finetune_text_encoder(
             bar.set_postfix(loss=f"{loss.item() * cfg.grad_accum:.3f}")
             done = cfg.max_steps is not None and step >= cfg.max_steps
             if (b + 1) % eval_every == 0 or b + 1 == len(batches) or done:
-                _, probs = predict_pairs(model, tokenizer, x_dev, cfg.window.max_length, device, amp=use_amp)
-                m = classification_metrics(np.array(y_dev), probs.argmax(1), labels)
+                y_dev, probs = task.dev_probs(model, device, use_amp)
+                m = classification_metrics(y_dev, probs.argmax(1), labels)
                 rec = {
                     "epoch": epoch + 1,
                     "step": step,

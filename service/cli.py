@@ -126,6 +126,11 @@ def finetune_text_cmd(
     future: Annotated[int, typer.Option(help="following turns (only where the whole conversation is known)")] = 0,
     speaker: Annotated[bool, typer.Option(help="prefix turns with 'Speaker: '")] = True,
     max_length: Annotated[int, typer.Option(help="tokens per input (the context is truncated first)")] = 96,
+    mode: Annotated[
+        str, typer.Option(help="pairs (an input per utterance) or conversation (each turn encoded once, in chunks)")
+    ] = "pairs",
+    chunk: Annotated[int, typer.Option(help="conversation mode: output turns per chunk")] = 4,
+    turn_tokens: Annotated[int, typer.Option(help="conversation mode: tokens per turn")] = 48,
     pooling: Annotated[str, typer.Option(help="target-mean or cls")] = "target-mean",
     adapter: Annotated[str, typer.Option(help="lora (small, over the packaged weights) or full")] = "lora",
     lora_r: Annotated[int, typer.Option()] = 16,
@@ -148,7 +153,7 @@ def finetune_text_cmd(
 
     try:
         cfg = FineTuneConfig(
-            window=window_from_options(past, future, speaker, max_length),
+            window=window_from_options(past, future, speaker, max_length, mode, chunk, turn_tokens),
             pooling=pooling,
             adapter=adapter,
             lora_r=lora_r,

@@ -24,6 +24,9 @@ LATENCY = Histogram(
 STAGE_SECONDS = Histogram(
     "merc_stage_seconds", "Seconds per processing stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=REGISTRY
 )
+BATCH_SIZE = Histogram(
+    "merc_batch_jobs", "Jobs per micro-batch (several)", buckets=(2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY
+)
 JOBS = Counter("merc_jobs_total", "Finished jobs by final status", ["status"], registry=REGISTRY)
 JOB_SECONDS = Histogram("merc_job_seconds", "Job run time", buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 REJECTED = Counter("merc_rejected_total", "Requests answered 4xx, by problem type", ["problem"], registry=REGISTRY)

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, description="comma-separated; empty: open")
     workers: int = Field(1, ge=0, le=16, description="in-process worker threads (0: jobs stay queued)")
+    batch_max: int = Field(16, ge=1, le=256, description="queued jobs whose text is encoded in one call")
+    batch_wait_ms: float = Field(
+        3.0, ge=0, le=1000, description="how long a worker holding one job waits for more to batch with it"
+    )
     max_queue: int = Field(64, ge=1, description="queued + running jobs before POST answers 429")
     max_upload_mb: float = Field(200.0, gt=0, description="per uploaded file, enforced while streaming")
     max_transcript_kb: int = Field(2048, ge=1, description="transcript JSON size limit")

@@ -27,11 +27,12 @@ from importlib import metadata
 
 import numpy as np
 
+from service.features.registry import DEFAULTS
 from service.features.text import FeatureSpec
 from service.media.decode import SAMPLE_RATE
 
 AUDIO_SETS: dict[str, tuple[str, int]] = {"compare2016": ("ComParE_2016", 6373), "egemaps-v02": ("eGeMAPSv02", 88)}
-DEFAULT_AUDIO_EXTRACTOR = "compare2016"
+DEFAULT_AUDIO_EXTRACTOR = DEFAULTS["audio"]
 
 
 def rms_dbfs(signal: np.ndarray) -> float:

@@ -149,51 +149,113 @@ class FinetunedTextEncoder:
     def is_loaded(self) -> bool:
         return self._model is not None
 
-    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, exact input) in memory
-        and on disk. The answer is built from this call's own lookups, so another thread clearing the
-        memory cache meanwhile cannot lose a row."""
-        import torch
-
-        from models.text_finetune import predict_pairs
-
-        pairs = [(p[0], p[1]) for p in pairs]  # hashable keys, whatever sequence type came in
+    def _lookup(self, keys: Sequence[Any], disk_key: Any) -> dict[Any, np.ndarray]:
+        """Cached vectors of ``keys`` (memory, then disk), from this call's own lookups."""
         with self._lock:
-            got = {k: self._cache[k] for k in dict.fromkeys(pairs) if k in self._cache}
-        todo = [k for k in dict.fromkeys(pairs) if k not in got]
+            got = {k: self._cache[k] for k in dict.fromkeys(keys) if k in self._cache}
+        todo = [k for k in dict.fromkeys(keys) if k not in got]
         if todo and self.disk_cache is not None:
-            vectors, found = self.disk_cache.get_many([_cache_text(k) for k in todo])
+            vectors, found = self.disk_cache.get_many([disk_key(k) for k in todo])
             got.update((k, v) for k, v, hit in zip(todo, vectors, found, strict=True) if hit)
-            todo = [k for k, hit in zip(todo, found, strict=True) if not hit]
-        if todo:
-            self.load()
-            previous = torch.get_num_threads()
-            if self.num_threads:
-                torch.set_num_threads(self.num_threads)
-            try:
-                pooled, _ = predict_pairs(
-                    self._model, self._tokenizer, todo, self.window.max_length, self.device, max_padding=MAX_PADDING
-                )
-            finally:
-                torch.set_num_threads(previous)
-            self.texts_encoded += len(todo)
-            got.update(zip(todo, pooled, strict=True))
-            if self.disk_cache is not None:
-                self.disk_cache.put_many([_cache_text(k) for k in todo], pooled)
+        return got
+
+    def _remember(self, got: dict[Any, np.ndarray], new: dict[Any, np.ndarray], disk_key: Any) -> None:
+        if new and self.disk_cache is not None:
+            self.disk_cache.put_many([disk_key(k) for k in new], np.stack(list(new.values())))
         with self._lock:
             if len(self._cache) > 200_000:
                 self._cache.clear()
             self._cache.update(got)
+
+    def _threads(self) -> Any:
+        """Context manager: torch's thread count set to ``num_threads`` for one encoder call."""
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def scope() -> Any:
+            previous = torch.get_num_threads()
+            if self.num_threads:
+                torch.set_num_threads(self.num_threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(previous)
+
+        return scope()
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, exact input) in memory
+        and on disk. The answer is built from this call's own lookups, so another thread clearing the
+        memory cache meanwhile cannot lose a row."""
+        from models.text_finetune import predict_pairs
+
+        pairs = [(p[0], p[1]) for p in pairs]  # hashable keys, whatever sequence type came in
+        got = self._lookup(pairs, _cache_text)
+        todo = [k for k in dict.fromkeys(pairs) if k not in got]
+        new: dict[Any, np.ndarray] = {}
+        if todo:
+            self.load()
+            with self._threads():
+                pooled, _ = predict_pairs(
+                    self._model, self._tokenizer, todo, self.window.max_length, self.device, max_padding=MAX_PADDING
+                )
+            self.texts_encoded += len(todo)
+            new = dict(zip(todo, pooled, strict=True))
+            got.update(new)
+        self._remember(got, new, _cache_text)
         out = np.zeros((len(pairs), self.dim), np.float32)
         for i, k in enumerate(pairs):
             out[i] = got[k]
         return out
+
+    def encode_turns(self, convs: Sequence[Sequence[str]], first: Sequence[int]) -> list[np.ndarray]:
+        """Conversation mode: vectors (n_i - first_i, dim) of turns ``first_i..`` of each conversation
+        (``convs[i]``: its present turns' encoder strings), all conversations' chunks in one call.
+        Cached per (version, the turns the vector depends on: models.text_chunks.chunk_key)."""
+        from models.text_chunks import chunk_conversation, chunk_key, input_start, predict_chunks, tokenize_turns
+
+        w = self.window
+        keys = [
+            [chunk_key(turns, input_start(k, w.chunk, w.past), k) for k in range(f, len(turns))]
+            for turns, f in zip(convs, first, strict=True)
+        ]
+        got = self._lookup([k for row in keys for k in row], str)
+        missing = [[k not in got for k in row] for row in keys]
+        new: dict[Any, np.ndarray] = {}
+        if any(any(m) for m in missing):
+            self.load()
+            tok = self._tokenizer
+            chunks, owner = [], []
+            for c, (turns, f) in enumerate(zip(convs, first, strict=True)):
+                if not any(missing[c]):
+                    continue
+                need = [False] * f + missing[c]
+                last = max(i for i, m in enumerate(need) if m)
+                lo = min(input_start(i, w.chunk, w.past) for i, m in enumerate(need) if m)
+                ids = [[] for _ in range(lo)] + tokenize_turns(tok, turns[lo : last + 1], w.turn_tokens)
+                part = chunk_conversation(ids, tok.cls_token_id, tok.sep_token_id, w.past, w.chunk, need=need)
+                chunks += part
+                owner += [c] * len(part)
+            with self._threads():
+                pooled, _ = predict_chunks(self._model, tok.pad_token_id or 0, chunks, self.device)
+            for c, chunk, vecs in zip(owner, chunks, pooled, strict=True):
+                for (index, _), v in zip(chunk.outputs, vecs, strict=True):
+                    new[keys[c][index - first[c]]] = v
+            self.texts_encoded += len(new)
+            got.update(new)
+        self._remember(got, new, str)
+        return [np.stack([got[k] for k in row]) if row else np.zeros((0, self.dim), np.float32) for row in keys]
 
     def conversation_vectors(
         self, convs: Sequence[Conversation], future_known: bool = True, first: Sequence[int] | None = None
     ) -> list[list[np.ndarray | None]]:
         """Per conversation, one (dim,) vector or None (no text, or index < first) per utterance."""
         from models.text_finetune import window_pairs
+
+        if self.window.mode == "conversation":
+            return self._conversation_mode_vectors(convs, first)
 
         per_conv = [
             window_pairs(
@@ -219,10 +281,22 @@ class FinetunedTextEncoder:
             out.append(row)
         return out
 
-    def context_description(self, future_known: bool) -> dict[str, Any]:
-        """What context the encoder saw (for responses)."""
-        w = self.window
-        return {"past": w.past, "future": w.future if future_known else 0, "speaker": w.speaker}
+    def _conversation_mode_vectors(
+        self, convs: Sequence[Conversation], first: Sequence[int] | None
+    ) -> list[list[np.ndarray | None]]:
+        from models.text_finetune import conversation_turns
+
+        per_conv = conversation_turns(convs, self.window)
+        present = [[i for i, t in enumerate(turns) if t is not None] for turns in per_conv]
+        starts = [sum(1 for i in idx if i < (first[c] if first is not None else 0)) for c, idx in enumerate(present)]
+        vectors = self.encode_turns([[per_conv[c][i] for i in idx] for c, idx in enumerate(present)], starts)
+        out: list[list[np.ndarray | None]] = []
+        for c, idx in enumerate(present):
+            row: list[np.ndarray | None] = [None] * len(per_conv[c])
+            for k, i in enumerate(idx[starts[c] :]):
+                row[i] = vectors[c][k]
+            out.append(row)
+        return out
 
 
 def int8_enabled() -> bool:
@@ -231,17 +305,12 @@ def int8_enabled() -> bool:
 
 
 def quantize_int8(encoder: Any) -> Any:
-    """The encoder with its nn.Linear layers int8-quantized (weights int8 per output channel,
-    activations quantized per batch): ~1.5x faster on CPU. Per-channel weights: sdt-meld7 dev w-F1
-    -0.80 points vs -2.06 per tensor (docs/benchmarks.md); still over the 0.3 allowed, so off by default."""
-    import warnings
+    """The encoder with its nn.Linear layers int8-quantized (models.common.int8_linear): ~1.5x faster on
+    CPU. Per-channel weights: sdt-meld7 dev w-F1 -0.80 points vs -2.06 per tensor (docs/benchmarks.md);
+    still over the 0.3 allowed, so off by default."""
+    from models.common import int8_linear
 
-    import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(encoder, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    return int8_linear(encoder, min_weights=0)
 
 
 def resolve_directory(entry: dict[str, Any], bundle_dir: str | Path | None) -> Path:

@@ -17,16 +17,19 @@ from typing import Any
 
 from models.data import DataError
 from models.train import resolve_device
-from service.features.audio import AUDIO_SETS, DEFAULT_AUDIO_EXTRACTOR, OpenSmileExtractor
-from service.features.visual import DEFAULT_VISUAL_EXTRACTOR, VISUAL_EXTRACTORS, VisualExtractor, VisualOptions
 
-DEFAULTS = {"text": "minilm-l6-v2", "audio": DEFAULT_AUDIO_EXTRACTOR, "visual": DEFAULT_VISUAL_EXTRACTOR}
+# The audio and visual modules (openSMILE, PyAV, facenet/torchvision: ~300 MB resident) are imported
+# when an extractor of theirs is first built, so a text-only worker never maps them.
+DEFAULTS = {"text": "minilm-l6-v2", "audio": "compare2016", "visual": "mtcnn-pyemotion"}
 _EXTRACTORS: dict[tuple[Any, ...], Any] = {}
 _LOCK = threading.Lock()
 
 
 def list_extractors() -> dict[str, list[str]]:
     """Registered names per modality (text also takes any local HF model id or path)."""
+    from service.features.audio import AUDIO_SETS
+    from service.features.visual import VISUAL_EXTRACTORS
+
     return {"text": ["minilm-l6-v2", "mpnet-base-v2"], "audio": sorted(AUDIO_SETS), "visual": sorted(VISUAL_EXTRACTORS)}
 
 
@@ -36,8 +39,12 @@ def _build(modality: str, name: str, options: dict[str, Any] | None, device: str
 
         return get_text_encoder(name, device=device)
     if modality == "audio":
+        from service.features.audio import OpenSmileExtractor
+
         return OpenSmileExtractor(name)
     if modality == "visual":
+        from service.features.visual import VisualExtractor, VisualOptions
+
         return VisualExtractor(name, VisualOptions.from_dict(options), resolve_device(device))
     raise DataError(f"unknown modality {modality!r}")
 

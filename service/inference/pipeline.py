@@ -413,7 +413,10 @@ def text_context(entry: dict[str, Any] | None, future_known: bool = True) -> dic
     window = entry["context"]
     future = int(window.get("future", 0)) if future_known else 0
     past, speaker = int(window["past"]), bool(window["speaker"])
-    return {"encoder": entry["extractor"], "past": past, "future": future, "speaker": speaker}
+    out = {"encoder": entry["extractor"], "past": past, "future": future, "speaker": speaker}
+    if window.get("mode") == "conversation":  # each turn sees past .. past + chunk - 1 earlier turns
+        out.update(mode="conversation", chunk=int(window["chunk"]))
+    return out
 
 
 def bundle_inputs(predictor: Predictor, conv: Conversation, features: Features) -> Features:

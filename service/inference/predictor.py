@@ -8,6 +8,7 @@ Features come in as produced by the extractors: modality -> one vector (D_m,) or
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +26,34 @@ from models.train import resolve_device
 FeatureLists = dict[str, list[np.ndarray | None]]
 
 
-class Predictor:
-    """One bundle, loaded once per process (weights on ``device``, eval mode)."""
+def fusion_int8_enabled() -> bool:
+    """``MERC_FUSION_INT8`` (default on): the fusion model's linear layers int8 on CPU (see Predictor)."""
+    return os.environ.get("MERC_FUSION_INT8", "1").lower() in ("1", "true", "yes")
 
-    def __init__(self, name_or_path: str | Path, device: str = "auto", weights_dir: str | Path = "weights") -> None:
+
+class Predictor:
+    """One bundle, loaded once per process (weights on ``device``, eval mode).
+
+    On CPU the fusion model's linear layers run int8 (``models.common.int8_linear``; ``int8`` None:
+    ``MERC_FUSION_INT8``, default on): one conversation is a batch of a few dozen rows, so scoring is
+    bound by reading the weights (sdt-meld7: 21 turns 21 -> 8 ms). Dev drift of every bundle, measured
+    by ``benchmarks/speed_text.py``: docs/benchmarks.md. Training and ``merc evaluate`` stay fp32."""
+
+    def __init__(
+        self,
+        name_or_path: str | Path,
+        device: str = "auto",
+        weights_dir: str | Path = "weights",
+        int8: bool | None = None,
+    ) -> None:
         self.path = find_bundle(name_or_path, weights_dir)
         self.device = resolve_device(device)
         self.model, self.manifest = load_bundle(self.path, self.device)
+        self.int8 = self.device.type == "cpu" and (fusion_int8_enabled() if int8 is None else int8)
+        if self.int8:
+            from models.common import int8_linear
+
+            self.model = int8_linear(self.model).eval()
         self.name: str = self.manifest.get("name", self.path.name)
         self.labels: list[str] = list(self.manifest["labels"])
         self.modalities: list[str] = list(self.model.modalities)

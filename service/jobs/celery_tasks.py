@@ -1,7 +1,9 @@
 """The Celery task of ``merc worker`` and the worker process's start-up.
 
-The task wraps ``service.jobs.worker.process_job``, the same job code as the in-process worker
-of ``merc serve``. Around it, this module adds what a fleet of processes needs:
+The task wraps ``service.jobs.worker.process_batch``, the same job code as the in-process worker
+of ``merc serve``: the delivered job, plus queued jobs claimed beside it for one text-encoder call
+(their own messages, delivered later, find them finished and do nothing). Around it, this module
+adds what a fleet of processes needs:
 
 * jobs run in a killable inference child (``service.jobs.sandbox``): models are loaded there once the
   worker is up (``worker_process_init``), never in a forked process, so CUDA is never forked;
@@ -34,7 +36,7 @@ from service.jobs.redis_store import RedisJobStore
 from service.jobs.retention import sweep_round
 from service.jobs.sandbox import ChildRunner
 from service.jobs.store import FAILED, QUEUED, RUNNING
-from service.jobs.worker import CALLBACK_HOOKS, process_job
+from service.jobs.worker import CALLBACK_HOOKS, process_batch
 from service.logging import job_context, setup_logging
 from service.settings import Settings, get_settings
 
@@ -110,7 +112,8 @@ def handle(job_id: str, me: str, settings: Settings, jobs: RedisJobStore | None 
     started = time.perf_counter()
     try:
         jobs.worker_name = me
-        final = process_job(job_id, jobs, settings, _STATE["runner"])
+        done = process_batch(job_id, jobs, settings, _STATE["runner"])  # + queued jobs batched with it
+        final = done[0][1] if done else None
     finally:
         BUSY.set(0)
     log.info("job %s in %.3f s", final, time.perf_counter() - started, extra={"status": final, "worker": me})

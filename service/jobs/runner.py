@@ -184,6 +184,44 @@ def run_append(job_dir: str, model: str, conversation: dict[str, Any], first: in
     return {"result": result, "features": features}
 
 
+def prefetch_text(items: list[dict[str, Any]], settings: Settings) -> int:
+    """The text of several queued jobs encoded in one call per text extractor; returns the turns asked for.
+
+    ``items``: ``{"job_dir", "model"}`` for a conversation job, plus ``"append"`` (the new utterances)
+    for an append to the conversation stored in ``job_dir``. The vectors land in the encoder's memory
+    cache under the exact input they were computed from, so the jobs, run next, find them; an item
+    whose inputs changed meanwhile, or cannot be read, simply misses. Media jobs awaiting speech
+    recognition have no text yet and are left out."""
+    from service.features.datasets import text_vectors
+
+    groups: dict[tuple[str, bool], tuple[dict[str, Any], list[Conversation], list[int]]] = {}
+    for item in items:
+        try:
+            request = read_request(Path(item["job_dir"]))
+            if request.get("transcribe"):
+                continue
+            raw = request["conversation"]
+            first = 0
+            if "append" in item:
+                old = raw["utterances"]
+                raw, first = {**raw, "utterances": [*old, *item["append"]]}, len(old)
+            conv = parse_conversation(raw, "utterances")
+            entry = get_predictor(item["model"], settings).feature_spec.get("text")
+        except Exception:  # unreadable, invalid or deleted: the job itself reports it
+            continue
+        if not entry or entry["version"] == INLINE:
+            continue
+        key = (json.dumps(entry, sort_keys=True), "append" not in item)
+        groups.setdefault(key, (entry, [], []))
+        groups[key][1].append(conv)
+        groups[key][2].append(first)
+    n = 0
+    for (_, future_known), (entry, convs, firsts) in groups.items():
+        text_vectors(convs, entry, settings.device, first=firsts, future_known=future_known)
+        n += sum(len(c.utterances) - f for c, f in zip(convs, firsts, strict=True))
+    return n
+
+
 def _pad(vectors: list | None, n: int) -> list:
     """The first ``n`` stored vectors (None where fewer were stored)."""
     vectors = list(vectors or [])[:n]

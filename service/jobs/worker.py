@@ -104,6 +104,82 @@ def process_job(
         runner.preload()
     if not store.start(job_id):
         return None
+    return _process_started(job_id, store, settings, runner)
+
+
+def process_batch(
+    first: str | None, store: JobStore, settings: Settings, runner: ChildRunner
+) -> list[tuple[str, str | None]]:
+    """Micro-batching: claim ``first`` (None: the oldest queued job) and up to ``batch_max - 1`` more queued
+    jobs, waiting at most ``batch_wait_ms`` for them; encode all their text in one call in the child
+    (``runner.prefetch``), then run each job as :func:`process_job` does. Returns ``(id, status)`` per
+    job claimed (status None: ``first`` was not queued).
+
+    Each job keeps its own result, error, lease and callback; only the encoder work is shared (the
+    batch's vectors wait in the encoder's memory cache, keyed by the exact input, for its own jobs).
+    A failed or timed-out prefetch costs nothing but the shared call: the jobs then encode alone."""
+    if not runner.alive():
+        runner.preload()
+    claimed = claim_batch(store, settings, first)
+    if len(claimed) > 1:
+        _prefetch(store, claimed, settings, runner)
+    out = [(job_id, _process_started(job_id, store, settings, runner)) for job_id in claimed]
+    if first is not None and first not in claimed:
+        out.insert(0, (first, None))
+    return out
+
+
+def claim_batch(store: JobStore, settings: Settings, first: str | None = None) -> list[str]:
+    """Jobs moved queued -> running for one batch, oldest first (empty: nothing queued)."""
+    claimed = [first] if first is not None and store.start(first) else []
+    if first is None:
+        job_id = store.next_queued()
+        while job_id is not None and not claimed:
+            if store.start(job_id):
+                claimed.append(job_id)
+            else:  # another worker took it: the next one
+                job_id = store.next_queued()
+    deadline = time.monotonic() + settings.batch_wait_ms / 1000
+    while claimed and len(claimed) < settings.batch_max:
+        job_id = store.next_queued()
+        if job_id is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.0005)
+        elif store.start(job_id):
+            claimed.append(job_id)
+    return claimed
+
+
+def _prefetch(store: JobStore, job_ids: list[str], settings: Settings, runner: ChildRunner) -> None:
+    """One encoder call for the text of ``job_ids`` (see :func:`service.jobs.runner.prefetch_text`)."""
+    items = []
+    for job_id in job_ids:
+        job = store.get(job_id)
+        if job is None:
+            continue
+        if job["kind"] != APPEND:
+            items.append({"job_dir": str(store.job_dir(job_id)), "model": job["model"]})
+            continue
+        try:  # an append: the conversation's turns + the new ones (read without its lease: only a hint)
+            request = read_json(store.job_dir(job_id) / "request.json")
+            conv_job = store.get(request["conversation_id"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if conv_job is not None and conv_job["kind"] != APPEND:
+            folder = str(store.job_dir(conv_job["id"]))
+            items.append({"job_dir": folder, "model": conv_job["model"], "append": request["utterances"]})
+    started = time.perf_counter()
+    try:
+        runner.call("prefetch_text", settings.job_timeout_s, items=items, settings=settings)
+    except Exception as e:  # the jobs encode their own text then
+        log.warning("batch prefetch of %d jobs failed: %s", len(items), redact(str(e)))
+    metrics.STAGE_SECONDS.labels("batch_text").observe(time.perf_counter() - started)
+    metrics.BATCH_SIZE.observe(len(job_ids))
+
+
+def _process_started(job_id: str, store: JobStore, settings: Settings, runner: ChildRunner) -> str:
+    """Run a job already moved to ``running`` and record its outcome."""
     started = time.perf_counter()
     job = store.get(job_id)
     result, error = None, None
@@ -303,12 +379,9 @@ class InProcessWorker:
             try:
                 if not runner.alive():  # stopped at a timeout or crashed: load the models again
                     runner.preload()
-                job_id = self.store.next_queued()
-                if job_id is None:
+                if not process_batch(None, self.store, self.settings, runner):
                     self._wake.wait(1.0)
                     self._wake.clear()
-                    continue
-                process_job(job_id, self.store, self.settings, runner)
             except Exception:  # the loop must survive a broken store read
                 log.exception("worker loop error")
                 time.sleep(0.5)
@@ -329,5 +402,6 @@ __all__ = [
     "InProcessWorker",
     "JobProblem",
     "create_append",
+    "process_batch",
     "process_job",
 ]

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from models.data import DataError, read_dataset_info, read_jsonl
-from models.text_finetune import ContextWindow, FineTuneConfig, conversation_pairs, finetune_text_encoder, save_adapter
+from models.text_finetune import (
+    ContextWindow,
+    FineTuneConfig,
+    conversation_inputs,
+    conversation_pairs,
+    finetune_text_encoder,
+    save_adapter,
+)
 
 
 def _fit(
@@ -39,8 +46,8 @@ def _fit(
         encoder,
         tokenizer,
         dim,
-        (conversation_pairs(train, cfg.window), _labels_of(train, labels)),
-        (conversation_pairs(dev, cfg.window), _labels_of(dev, labels)),
+        (conversation_inputs(train, cfg.window), _labels_of(train, labels)),
+        (conversation_inputs(dev, cfg.window), _labels_of(dev, labels)),
         labels,
         cfg,
         device=device,
@@ -118,11 +125,19 @@ def _warm_cache(directory: Path, splits, device: str) -> None:
         encoder.conversation_vectors(convs, future_known=True)
 
 
-def window_from_options(past: int, future: int, speaker: bool, max_length: int) -> ContextWindow:
+def window_from_options(
+    past: int,
+    future: int,
+    speaker: bool,
+    max_length: int,
+    mode: str = "pairs",
+    chunk: int = 4,
+    turn_tokens: int = 48,
+) -> ContextWindow:
     """The context window of the command-line options (validated)."""
     if past < 0 or future < 0 or max_length < 8:
         raise ValueError("--past/--future must be >= 0 and --max-length >= 8")
-    return ContextWindow(past=past, future=future, speaker=speaker, max_length=max_length)
+    return ContextWindow(past, future, speaker, max_length, mode, chunk, turn_tokens)
 
 
 def is_finetune_option(text_encoder: str | None) -> bool:
@@ -159,7 +174,7 @@ def prepare_finetuned_text(
         values = {**FineTuneConfig().to_dict(), **overrides}
         window = {
             **values["window"],
-            **{k: values.pop(k) for k in ("past", "future", "speaker", "max_length") if k in values},
+            **{k: values.pop(k) for k in ContextWindow.__dataclass_fields__ if k in values},
         }
         cfg = FineTuneConfig.from_dict({**values, "window": window})
         if target.exists():
@@ -209,6 +224,8 @@ def oof_features(
 
     meta = json.loads((extractor / "finetune.json").read_text())
     cfg = FineTuneConfig.from_dict(meta["config"])
+    if cfg.window.mode != "pairs":
+        raise DataError(f"{extractor}: out-of-fold features are implemented for the pair encoding only")
     if epochs is not None:  # e.g. the epoch the full fine-tune was selected at
         cfg.epochs = epochs
     labels = list(meta["labels"])

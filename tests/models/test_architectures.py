@@ -96,3 +96,19 @@ def test_same_seed_same_result(arch: str) -> None:
             return model(random_batch(seed=9)).logits
 
     torch.testing.assert_close(run(), run(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int8_copy_runs_and_stays_close(arch: str) -> None:
+    """models.common.int8_linear (the CPU serving default): every architecture runs quantized, close to fp32."""
+    from models.common import int8_linear
+
+    torch.manual_seed(0)
+    model = tiny_model(arch).eval()
+    batch = random_batch(seed=2)
+    quantized = int8_linear(model, min_weights=0).eval()
+    assert any("quantized" in type(m).__module__ for m in quantized.modules())
+    with torch.no_grad():
+        p32 = torch.softmax(model(batch).logits, -1)[batch.mask]
+        p8 = torch.softmax(quantized(batch).logits, -1)[batch.mask]
+    assert (p32 - p8).abs().max() < 0.05

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from models.data import Conversation, Utterance
 from models.text_finetune import ContextWindow, conversation_pairs, window_pairs
 
@@ -44,3 +46,29 @@ def test_labels_never_enter_the_input() -> None:
         a + " " + b for p in conversation_pairs([conv], ContextWindow(past=4, future=4))[0] if p for a, b in [p]
     )
     assert "anger" not in flat
+
+
+def test_chunks_bounds_masks_and_random_alignment() -> None:
+    import random
+
+    from models.text_chunks import chunk_bounds, chunk_conversation, pad_chunks, training_chunks
+
+    assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_bounds(7, 3, offset=2) == [(0, 2), (2, 5), (5, 7)]
+    tokens = [[10 + i] * (i + 1) for i in range(5)]  # turn i has i + 1 tokens
+    chunks = chunk_conversation(tokens, 101, 102, past=2, chunk=2)
+    assert [c.start for c in chunks] == [0, 0, 2]
+    assert chunks[1].outputs == [(2, 2), (3, 3)] and chunks[1].input_ids[:3] == [101, 10, 102]
+    assert chunks[2].turn_ids == [-1] + [0] * 4 + [1] * 5 + [2] * 6  # a turn's [SEP] is its own
+    batch = pad_chunks(chunks, pad_id=0)
+    mask = batch["attention_mask"][2]  # (L, L): row = query
+    turn = torch.tensor(chunks[2].turn_ids)
+    assert mask.shape == (len(turn), len(turn))
+    assert bool(((turn[None, :] <= turn[:, None]) == mask.bool()).all())  # never a later turn
+    assert mask[:, 0].all()  # [CLS] visible to all
+    only = chunk_conversation(tokens, 101, 102, past=2, chunk=2, need=[False, False, True, False, False])
+    assert len(only) == 1 and only[0].outputs == [(2, 2)] and only[0].turn_ids[-1] == 2  # stops after turn 2
+    labels = [[0, -1, 1, 2, 0]]
+    a, ya = training_chunks([tokens], labels, 101, 102, 2, 2, random.Random(0))
+    assert sorted(i for c in a for i, _ in c.outputs) == [0, 2, 3, 4]  # unlabelled turn 1 is context only
+    assert [y for row in ya for y in row] == [labels[0][i] for c in a for i, _ in c.outputs]

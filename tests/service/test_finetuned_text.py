@@ -198,3 +198,64 @@ def test_out_of_fold_train_features(extractor, tmp_path: Path) -> None:
     )
     assert "oof_features" not in manifest["feature_spec"]["text"]  # training-only: never in the bundle
     assert not (out / "text_encoder" / "oof").exists()
+
+
+# ---------------------------------------------------------------- conversation mode (models.text_chunks)
+
+CONV_WINDOW = ContextWindow(past=1, future=0, mode="conversation", chunk=2, turn_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def conv_extractor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset folder, extractor folder) of a conversation-mode fine-tune on the tiny dataset."""
+    pytest.importorskip("peft")
+    from service.offline.text_finetuning import finetune_text
+
+    root = tmp_path_factory.mktemp("ftconv")
+    data = _write_dataset(root / "tiny3")
+    cfg = FineTuneConfig(window=CONV_WINDOW, lr=3e-3, head_lr=3e-2, epochs=12, batch_size=4, patience=100, seed=0)
+    meta = finetune_text(data, "minilm-l6-v2", root / "extractor", cfg, device="cpu", progress=False)
+    assert meta["best_dev"]["dev_accuracy"] >= 90.0, meta["history"]
+    assert meta["config"]["window"]["mode"] == "conversation"
+    return data, root / "extractor"
+
+
+def test_conversation_mode_is_turn_causal_and_appends_match(conv_extractor) -> None:
+    """A turn's vector depends on earlier turns only: the same whole, cut short, or appended turn by turn."""
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+
+    data, folder = conv_extractor
+    entry = spec_entry(folder, "tiny-conv")
+    assert entry["context"]["mode"] == "conversation" and entry["context"]["chunk"] == 2
+    enc = FinetunedTextEncoder(entry, folder, "cpu", use_disk_cache=False)
+    conv = read_jsonl(data / "dev.jsonl")[0]
+    whole = np.stack(enc.conversation_vectors([conv])[0])  # (6, 384)
+    for k in range(1, 6):  # a chat: turn k scored when it arrives, earlier turns as context only
+        enc._cache.clear()
+        row = enc.conversation_vectors([conv], future_known=False, first=[k])[0]
+        assert all(v is None for v in row[:k])
+        np.testing.assert_allclose(row[k], whole[k], atol=1e-5)
+        enc._cache.clear()
+        cut = type(conv)(id=conv.id, utterances=conv.utterances[: k + 1])
+        np.testing.assert_allclose(np.stack(enc.conversation_vectors([cut])[0]), whole[: k + 1], atol=1e-5)
+    assert not np.allclose(whole[1], whole[3], atol=1e-3)  # the same line in another context differs
+
+
+def test_conversation_mode_costs_each_turn_once(conv_extractor) -> None:
+    from transformers import AutoTokenizer
+
+    from models.text_chunks import chunk_conversation, tokenize_turns
+    from models.text_finetune import conversation_turns
+    from service.features.text import _resolve_source
+
+    data, _ = conv_extractor
+    tok = AutoTokenizer.from_pretrained(str(_resolve_source("minilm-l6-v2", None).locate()))
+    convs = read_jsonl(data / "dev.jsonl")
+    turns = conversation_turns(convs, CONV_WINDOW)[0]
+    ids = tokenize_turns(tok, turns, 24)
+    chunks = chunk_conversation(ids, tok.cls_token_id, tok.sep_token_id, past=1, chunk=2)
+    assert [c.outputs for c in chunks] == [[(0, 0), (1, 1)], [(2, 1), (3, 2)], [(4, 1), (5, 2)]]
+    encoded = sum(len(c.input_ids) for c in chunks)
+    own = sum(len(t) + 1 for t in ids)
+    carried = (len(ids[1]) + 1) + (len(ids[3]) + 1)  # the turn before chunks 2 and 3, again
+    assert encoded == own + carried + len(chunks)  # + one [CLS] per chunk; pairs would encode ~2x own

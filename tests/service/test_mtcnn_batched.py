@@ -68,4 +68,28 @@ def test_boxes_match_facenet_detect(name: str) -> None:
         assert abs(float(probs[best]) - float(faces.probs[0])) < 1e-3
         assert np.abs(points[best] - faces.points[0]).max() < 2.0
     has_face = [len(f.boxes) > 0 for f in found]
-    assert all(has_face) if name != "no_face.mp4" else not any(has_face)
+    if name == "no_face.mp4":  # facenet itself (checked above) takes the title's lettering for a face once (p 0.83)
+        assert sum(has_face) <= 1
+    else:
+        assert all(has_face)
+
+
+def test_faces_between_detections_are_interpolated() -> None:
+    from service.features.mtcnn_batched import Faces
+    from service.features.visual import PendingFrame, _is_keyframe, track_faces
+
+    def faces(x: float, *more: float) -> Faces:
+        xs = [x, *more]
+        boxes = np.array([[v, 10, v + 20, 30] for v in xs], np.float32)
+        return Faces(boxes, np.full(len(xs), 0.9, np.float32), np.tile(boxes[:, None, :2], (1, 5, 1)))
+
+    a, b = object(), object()
+    items = [PendingFrame(s, np.zeros((4, 4, 3), np.uint8), None, [0], k) for s, k in [(a, 0), (b, 0), (a, 1), (a, 2)]]
+    assert [_is_keyframe(items, i, 2) for i in range(4)] == [True, True, False, True]
+    tracked = track_faces(items, {0: faces(0.0), 1: faces(50.0), 3: faces(10.0, 300.0)})
+    np.testing.assert_allclose(tracked[2].boxes, [[5, 10, 25, 30]])  # halfway between frames 0 and 2 of a
+    assert tracked[1].boxes[0, 0] == 50.0  # another file's detection is never used
+    far = track_faces(items[2:], {1: faces(0.0), 0: faces(0.0)})[0]
+    assert far.boxes[0, 0] == 0.0
+    jump = track_faces([items[0], items[2], items[3]], {0: faces(0.0), 2: faces(200.0)})[1]
+    assert jump.boxes[0, 0] == 0.0  # the face 200 px away is another face: keep the earlier box

@@ -1,0 +1,201 @@
+"""One pass over a conversation: turns encoded in chunks under a turn-causal attention mask.
+
+The pair encoding (:func:`models.text_finetune.window_pairs`) feeds every utterance its own copy of
+its context, so a conversation costs about (1 + past) times its tokens. ``mode="conversation"``
+encodes each turn's tokens once. The present turns are cut into chunks of ``chunk`` output turns;
+each chunk's input also carries the ``past`` turns before it (their outputs belong to the previous
+chunk)::
+
+    [CLS] t_{s} [SEP] t_{s+1} [SEP] ... t_{b-1} [SEP]      s = max(0, a - past), chunk = turns [a, b)
+
+A token of turn i attends to every token of turns s..i (and [CLS]); never to a later turn. So a
+turn's vector depends only on the turns before it (a chat and a whole conversation give the same
+vectors, and appending a turn never changes an earlier one), every turn sees at least ``past``
+previous turns, up to ``past + chunk - 1``, and a conversation costs about (1 + past / chunk) times
+its tokens: 1.5x for past 2, chunk 4, against 3x for pairs. Pooling: the mean over the turn's own
+tokens ([SEP] excluded) of the last layer.
+
+Deviation from the pair encoder, on purpose: context tokens do not attend to the target (they are
+encoded once for every target that reads them). The model must therefore be fine-tuned in this mode;
+training uses the same chunks with a random chunk alignment per conversation and epoch (every turn
+is seen at every chunk position).
+
+Pure PyTorch + transformers: never imports ``service/``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Chunk", "chunk_conversation", "chunk_key", "pad_chunks", "pool_chunks", "predict_chunks"]
+
+PAD_TURN = 1_000_000  # turn id of padding tokens: no real token attends to them
+
+
+@dataclass
+class Chunk:
+    """One encoder input: token ids, the local turn id of each token (-1 = [CLS]), and its outputs.
+
+    ``outputs`` are ``(position in the conversation's present turns, local turn id)`` of the turns whose
+    vectors this chunk yields; ``start`` is the first input turn's position (the cache key begins there).
+    """
+
+    input_ids: list[int]
+    turn_ids: list[int]
+    pool: list[int]  # 1 on a token that is pooled (a turn's own tokens, not [SEP]/[CLS])
+    outputs: list[tuple[int, int]]
+    start: int
+
+
+def chunk_bounds(n: int, chunk: int, offset: int = 0) -> list[tuple[int, int]]:
+    """Output ranges ``[a, b)`` over ``n`` turns: the first ``offset`` turns (if > 0), then every ``chunk``."""
+    bounds, a = [], 0
+    first = offset if 0 < offset < chunk else chunk
+    while a < n:
+        b = min(n, a + (first if a == 0 else chunk))
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
+def input_start(index: int, chunk: int, past: int) -> int:
+    """First input turn of the chunk (alignment 0) that yields turn ``index``."""
+    return max(0, (index // chunk) * chunk - past)
+
+
+def chunk_conversation(
+    tokens: Sequence[Sequence[int]],
+    cls_id: int,
+    sep_id: int,
+    past: int,
+    chunk: int,
+    offset: int = 0,
+    need: Sequence[bool] | None = None,
+) -> list[Chunk]:
+    """The chunks of one conversation's present turns (``tokens[i]``: turn i's ids, no specials).
+
+    ``need[i]`` False: turn i's vector is not wanted (an append's earlier turns, a cached vector);
+    chunks without any wanted turn are skipped, and a chunk's input stops after its last wanted turn
+    (later turns cannot change it)."""
+    out = []
+    for a, b in chunk_bounds(len(tokens), chunk, offset):
+        wanted = [i for i in range(a, b) if need is None or need[i]]
+        if not wanted:
+            continue
+        s, end = max(0, a - past), wanted[-1] + 1
+        ids, turn_ids, pool = [cls_id], [-1], [0]
+        for i in range(s, end):
+            ids += [*tokens[i], sep_id]
+            turn_ids += [i - s] * (len(tokens[i]) + 1)
+            pool += [1] * len(tokens[i]) + [0 if tokens[i] else 1]  # an empty turn pools its [SEP]
+        out.append(Chunk(ids, turn_ids, pool, [(i, i - s) for i in wanted], s))
+    return out
+
+
+def chunk_key(turns: Sequence[str], start: int, index: int) -> str:
+    """Cache key of turn ``index``'s vector: the exact input it depends on (turns ``start..index``)."""
+    return "chunk\x1e" + "\x1e".join(turns[start : index + 1])
+
+
+def pad_chunks(chunks: Sequence[Chunk], pad_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` (B, L), ``attention_mask`` (B, L, L) turn-causal, ``turn_ids`` and ``pool`` (B, L)."""
+    width = max(len(c.input_ids) for c in chunks)
+    ids = np.full((len(chunks), width), pad_id, np.int64)
+    turns = np.full((len(chunks), width), PAD_TURN, np.int64)
+    pool = np.zeros((len(chunks), width), np.int64)
+    for b, c in enumerate(chunks):
+        n = len(c.input_ids)
+        ids[b, :n], turns[b, :n], pool[b, :n] = c.input_ids, c.turn_ids, c.pool
+    t = torch.from_numpy(turns)
+    mask = (t[:, None, :] <= t[:, :, None]).long()  # query row attends key column
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": mask, "turn_ids": t, "pool": torch.from_numpy(pool)}
+
+
+def pool_chunks(hidden: torch.Tensor, batch: dict[str, torch.Tensor], chunks: Sequence[Chunk]) -> torch.Tensor:
+    """Mean of each output turn's pooled tokens: ``hidden`` (B, L, H) -> (sum of outputs, H)."""
+    rows = []
+    for b, c in enumerate(chunks):
+        local = torch.tensor([t for _, t in c.outputs], device=hidden.device)  # (k,)
+        sel = (batch["turn_ids"][b][None, :] == local[:, None]) & (batch["pool"][b][None, :] > 0)  # (k, L)
+        w = sel.to(hidden.dtype)
+        rows.append(w @ hidden[b] / w.sum(1, keepdim=True).clamp(min=1.0))
+    return torch.cat(rows)
+
+
+def tokenize_turns(tokenizer: Any, turns: Sequence[str], turn_tokens: int) -> list[list[int]]:
+    """Ids of each turn without special tokens, at most ``turn_tokens`` each."""
+    if not turns:
+        return []
+    enc = tokenizer(list(turns), add_special_tokens=False, truncation=True, max_length=turn_tokens)
+    return [list(x) for x in enc["input_ids"]]
+
+
+def chunk_batches(chunks: Sequence[Chunk], max_tokens: int, max_padding: float | None) -> list[list[int]]:
+    """Indices of ``chunks`` grouped by length (little padding), at most ``max_tokens`` padded tokens each."""
+    from models.text_finetune import _length_batches
+
+    lengths = [len(c.input_ids) for c in chunks]
+    order = sorted(range(len(chunks)), key=lambda i: lengths[i])
+    batches = []
+    for group in _length_batches(order, lengths, len(chunks), max_padding):
+        cur: list[int] = []
+        for i in group:
+            if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+    return batches
+
+
+@torch.no_grad()
+def predict_chunks(
+    model: Any,
+    pad_id: int,
+    chunks: Sequence[Chunk],
+    device: str,
+    max_tokens: int = 4096,
+    amp: bool = False,
+    max_padding: float | None = 0.25,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per chunk: ``(pooled (k, H) float32, probabilities (k, C) float32)`` of its outputs, in order."""
+    model.eval()
+    pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(chunks)
+    probs: list[np.ndarray] = [np.zeros((0, model.head.out_features), np.float32)] * len(chunks)
+    for idx in chunk_batches(chunks, max_tokens, max_padding):
+        part = [chunks[i] for i in idx]
+        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id).items()}
+        with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
+            vec, logits = model.forward_chunks(batch, part)
+        vec, p = vec.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()
+        k = 0
+        for i, c in zip(idx, part, strict=True):
+            pooled[i], probs[i] = vec[k : k + len(c.outputs)], p[k : k + len(c.outputs)]
+            k += len(c.outputs)
+    return pooled, probs
+
+
+def training_chunks(
+    tokens: Sequence[Sequence[Sequence[int]]],
+    labels: Sequence[Sequence[int]],
+    cls_id: int,
+    sep_id: int,
+    past: int,
+    chunk: int,
+    rng: random.Random | None,
+) -> tuple[list[Chunk], list[list[int]]]:
+    """Chunks of every conversation (random alignment when ``rng`` is given) and their outputs' labels;
+    outputs without a label (-1) are dropped, chunks left without outputs too."""
+    out, ys = [], []
+    for conv, lab in zip(tokens, labels, strict=True):
+        offset = rng.randrange(chunk) if rng is not None else 0
+        for c in chunk_conversation(conv, cls_id, sep_id, past, chunk, offset, need=[y >= 0 for y in lab]):
+            out.append(c)
+            ys.append([lab[i] for i, _ in c.outputs])
+    return out, ys
