@@ -290,6 +290,7 @@ class FineTuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_layers: int | None = None  # adapters on the top N layers only (None = all): cheaper backward on CPU
+    init: str | None = None  # warm start: an extractor folder (save_adapter) whose LoRA adapter and head start training
     lr: float = 5e-4
     head_lr: float = 2e-3
     weight_decay: float = 0.01
@@ -356,6 +357,24 @@ def wrap_encoder(encoder: nn.Module, cfg: FineTuneConfig) -> nn.Module:
         layers_to_transform=layers,
     )
     return get_peft_model(encoder, lora)
+
+
+def _initial_model(encoder: nn.Module, hidden: int, n_classes: int, cfg: FineTuneConfig) -> TextClassifier:
+    """The classifier training starts from: fresh LoRA adapters and head, or ``cfg.init``'s (warm start;
+    e.g. a pair-mode extractor continued in conversation mode)."""
+    if cfg.init is None:
+        return TextClassifier(wrap_encoder(encoder, cfg), hidden, n_classes, cfg.pooling)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    init = Path(cfg.init)
+    meta = json.loads((init / "finetune.json").read_text())
+    if meta["config"].get("adapter", "lora") != "lora" or cfg.adapter != "lora" or int(meta["classes"]) != n_classes:
+        raise ValueError(f"--init {init}: needs a LoRA extractor with {n_classes} classes")
+    wrapped = PeftModel.from_pretrained(encoder, str(init / "adapter"), is_trainable=True)
+    model = TextClassifier(wrapped, hidden, n_classes, cfg.pooling)
+    model.head.load_state_dict(load_file(str(init / "head.safetensors")))
+    return model
 
 
 def _batches(n: int, lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -543,7 +562,7 @@ def finetune_text_encoder(
 
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = TextClassifier(wrap_encoder(encoder, cfg), hidden, len(labels), cfg.pooling).to(device)
+    model = _initial_model(encoder, hidden, len(labels), cfg).to(device)
     task = (_ChunkTask if cfg.window.mode == "conversation" else _PairTask)(tokenizer, train, dev, cfg)
     steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -561,11 +580,11 @@ def finetune_text_encoder(
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
     best, best_state, bad, step = -1.0, None, 0, 0
-    eval_every = max(1, math.ceil(task.n_batches / cfg.evals_per_epoch))
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
         batches = task.epoch(rng)
+        eval_every = max(1, math.ceil(len(batches) / cfg.evals_per_epoch))
         bar = tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_bar)
         for b, (logits_of, ys) in enumerate(bar):
             target = torch.tensor(ys, device=device)

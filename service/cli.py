@@ -135,6 +135,9 @@ def finetune_text_cmd(
     adapter: Annotated[str, typer.Option(help="lora (small, over the packaged weights) or full")] = "lora",
     lora_r: Annotated[int, typer.Option()] = 16,
     lora_layers: Annotated[int | None, typer.Option(help="adapters on the top N layers only [all]")] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="warm start from this extractor's adapter and head (same base, LoRA)")
+    ] = None,
     epochs: Annotated[int, typer.Option()] = 3,
     lr: Annotated[float, typer.Option(help="encoder (adapter) learning rate")] = 5e-4,
     head_lr: Annotated[float, typer.Option()] = 2e-3,
@@ -159,6 +162,7 @@ def finetune_text_cmd(
             lora_r=lora_r,
             lora_alpha=2 * lora_r,
             lora_layers=lora_layers,
+            init=str(init) if init else None,
             lr=lr,
             head_lr=head_lr,
             epochs=epochs,

@@ -108,6 +108,8 @@ def finetune_text(
         torch_threads=torch.get_num_threads(),
         command=command,
     )
+    if cfg.init:  # the warm start's identity: its files' hash
+        meta["init_sha256"] = extractor_hash(cfg.init)
     (Path(out) / "finetune.json").write_text(json.dumps(meta, indent=2))
     meta["sha256"] = extractor_hash(out)
     if cache_features:
