@@ -206,17 +206,21 @@ CONV_WINDOW = ContextWindow(past=1, future=0, mode="conversation", chunk=2, turn
 
 
 @pytest.fixture(scope="module")
-def conv_extractor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(dataset folder, extractor folder) of a conversation-mode fine-tune on the tiny dataset."""
-    pytest.importorskip("peft")
+def conv_extractor(extractor, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset folder, extractor folder) of a conversation-mode fine-tune on the tiny dataset, warm-started
+    from the pair-mode extractor (as the default bundle's was)."""
+    from service.features.finetuned import extractor_hash
     from service.offline.text_finetuning import finetune_text
 
     root = tmp_path_factory.mktemp("ftconv")
     data = _write_dataset(root / "tiny3")
-    cfg = FineTuneConfig(window=CONV_WINDOW, lr=3e-3, head_lr=3e-2, epochs=12, batch_size=4, patience=100, seed=0)
+    cfg = FineTuneConfig(
+        window=CONV_WINDOW, lr=1e-3, head_lr=1e-2, epochs=4, batch_size=4, patience=100, seed=0, init=str(extractor[1])
+    )
     meta = finetune_text(data, "minilm-l6-v2", root / "extractor", cfg, device="cpu", progress=False)
     assert meta["best_dev"]["dev_accuracy"] >= 90.0, meta["history"]
     assert meta["config"]["window"]["mode"] == "conversation"
+    assert meta["init_sha256"] == extractor_hash(extractor[1])
     return data, root / "extractor"
 
 
