@@ -37,6 +37,9 @@ _LOCK = threading.Lock()
 # Batches end before a pair 25 % longer than their shortest (models.text_finetune.predict_pairs): on
 # CPU 11 % less time for 20 turns in fp32, 20 % in int8; fp32 vectors change by < 1e-6.
 MAX_PADDING = 0.25
+# In-memory vectors kept per encoder before the cache is emptied: 50k x 384 float32 = 77 MB. A served
+# chat adds a vector per fresh turn; a micro-batch's vectors must stay until its jobs read them.
+MEMORY_CACHE_ENTRIES = 50_000
 
 
 def _cache_text(pair: tuple[str, str]) -> str:
@@ -163,7 +166,7 @@ class FinetunedTextEncoder:
         if new and self.disk_cache is not None:
             self.disk_cache.put_many([disk_key(k) for k in new], np.stack(list(new.values())))
         with self._lock:
-            if len(self._cache) > 200_000:
+            if len(self._cache) > MEMORY_CACHE_ENTRIES:
                 self._cache.clear()
             self._cache.update(got)
 

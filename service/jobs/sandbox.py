@@ -90,6 +90,7 @@ class ChildRunner:
         self._conn: Connection | None = None
         self._lock = threading.Lock()  # one call at a time per child
         self.models: list[str] = []  # bundles the current child has loaded (after ``preload``)
+        self.last_batch = 1  # jobs in the last micro-batch (service.jobs.worker.process_batch)
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()

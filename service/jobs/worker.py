@@ -108,19 +108,25 @@ def process_job(
 
 
 def process_batch(
-    first: str | None, store: JobStore, settings: Settings, runner: ChildRunner
+    first: str | None, store: JobStore, settings: Settings, runner: ChildRunner | None = None
 ) -> list[tuple[str, str | None]]:
     """Micro-batching: claim ``first`` (None: the oldest queued job) and up to ``batch_max - 1`` more queued
-    jobs, waiting at most ``batch_wait_ms`` for them; encode all their text in one call in the child
+    jobs, waiting at most ``batch_wait_ms`` for them when the runner's previous batch held several
+    (under load; a lone request never waits); encode all their text in one call in the child
     (``runner.prefetch``), then run each job as :func:`process_job` does. Returns ``(id, status)`` per
     job claimed (status None: ``first`` was not queued).
 
     Each job keeps its own result, error, lease and callback; only the encoder work is shared (the
     batch's vectors wait in the encoder's memory cache, keyed by the exact input, for its own jobs).
     A failed or timed-out prefetch costs nothing but the shared call: the jobs then encode alone."""
+    runner = runner or default_runner(settings)
     if not runner.alive():
         runner.preload()
-    claimed = claim_batch(store, settings, first)
+    # wait for company only under load (the last batch had several jobs): a lone request never waits
+    wait_ms = settings.batch_wait_ms if getattr(runner, "last_batch", 1) > 1 else 0.0
+    claimed = claim_batch(store, settings, first, wait_ms)
+    if claimed:
+        runner.last_batch = len(claimed)
     if len(claimed) > 1:
         _prefetch(store, claimed, settings, runner)
     out = [(job_id, _process_started(job_id, store, settings, runner)) for job_id in claimed]
@@ -129,8 +135,11 @@ def process_batch(
     return out
 
 
-def claim_batch(store: JobStore, settings: Settings, first: str | None = None) -> list[str]:
-    """Jobs moved queued -> running for one batch, oldest first (empty: nothing queued)."""
+def claim_batch(
+    store: JobStore, settings: Settings, first: str | None = None, wait_ms: float | None = None
+) -> list[str]:
+    """Jobs moved queued -> running for one batch, oldest first (empty: nothing queued); once one is
+    claimed, more are awaited for ``wait_ms`` (default ``settings.batch_wait_ms``)."""
     claimed = [first] if first is not None and store.start(first) else []
     if first is None:
         job_id = store.next_queued()
@@ -139,7 +148,7 @@ def claim_batch(store: JobStore, settings: Settings, first: str | None = None) -
                 claimed.append(job_id)
             else:  # another worker took it: the next one
                 job_id = store.next_queued()
-    deadline = time.monotonic() + settings.batch_wait_ms / 1000
+    deadline = time.monotonic() + (settings.batch_wait_ms if wait_ms is None else wait_ms) / 1000
     while claimed and len(claimed) < settings.batch_max:
         job_id = store.next_queued()
         if job_id is None:
