@@ -116,3 +116,29 @@ def test_a_job_not_queued_is_reported_and_nothing_else_runs(settings: Settings, 
     job_id = _queue(store, 0, settings.default_model)
     assert process_batch(job_id, store, settings, runner) == [(job_id, "succeeded")]
     assert process_batch(job_id, store, settings, runner) == [(job_id, None)]
+
+
+def test_a_lone_request_never_waits_for_company(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The bounded batch wait applies only under load: after a batch of several jobs, not after one."""
+    import service.jobs.worker as worker
+
+    waits: list[float | None] = []
+    sizes = iter([1, 3, 1])
+
+    def claim(store, settings, first=None, wait_ms=None):  # records the wait, claims nothing runnable
+        waits.append(wait_ms)
+        worker_runner.last_batch = next(sizes)
+        return []
+
+    class Runner:
+        last_batch = 1
+
+        def alive(self) -> bool:
+            return True
+
+    worker_runner = Runner()
+    monkeypatch.setattr(worker, "claim_batch", claim)
+    settings = Settings(data_dir=tmp_path, batch_wait_ms=5)
+    for _ in range(3):
+        worker.process_batch(None, JobStore(tmp_path), settings, worker_runner)  # type: ignore[arg-type]
+    assert waits == [0.0, 0.0, 5.0]  # the first two follow single-job batches, the third a batch of 3
