@@ -113,8 +113,9 @@ def process_batch(
     """Micro-batching: claim ``first`` (None: the oldest queued job) and up to ``batch_max - 1`` more queued
     jobs, waiting at most ``batch_wait_ms`` for them when the runner's previous batch held several
     (under load; a lone request never waits); encode all their text in one call in the child
-    (``runner.prefetch``), then run each job as :func:`process_job` does. Returns ``(id, status)`` per
-    job claimed (status None: ``first`` was not queued).
+    (``runner.prefetch_text``), then run each job as :func:`process_job` does. Returns ``(id, status)``
+    per job claimed (status None: ``first`` was not queued). A media job is never claimed behind
+    another one (its seconds of decoding would hold the text jobs claimed with it).
 
     Each job keeps its own result, error, lease and callback; only the encoder work is shared (the
     batch's vectors wait in the encoder's memory cache, keyed by the exact input, for its own jobs).
@@ -149,15 +150,22 @@ def claim_batch(
             else:  # another worker took it: the next one
                 job_id = store.next_queued()
     deadline = time.monotonic() + (settings.batch_wait_ms if wait_ms is None else wait_ms) / 1000
-    while claimed and len(claimed) < settings.batch_max:
+    while claimed and len(claimed) < settings.batch_max and not _is_media(store, claimed[0]):
         job_id = store.next_queued()
         if job_id is None:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.0005)
+        elif _is_media(store, job_id):  # runs alone, next: the batch ends before it
+            break
         elif store.start(job_id):
             claimed.append(job_id)
     return claimed
+
+
+def _is_media(store: JobStore, job_id: str) -> bool:
+    job = store.get(job_id)
+    return job is not None and job["kind"] == "media"
 
 
 def _prefetch(store: JobStore, job_ids: list[str], settings: Settings, runner: ChildRunner) -> None:

@@ -79,6 +79,15 @@ def test_claim_batch_takes_the_oldest_up_to_the_limit(tmp_path: Path) -> None:
     assert claim_batch(store, settings, first=ids[4]) == [ids[4], ids[3]]
     assert claim_batch(store, settings, first=ids[0]) == []  # not queued any more: nothing claimed
     assert claim_batch(store, settings) == []
+    media = store.new_id()
+    store.create(media, "m", "media", 1)
+    later = _queue(store, 7, "m")
+    assert claim_batch(store, settings) == [media]  # a media job runs alone ...
+    assert claim_batch(store, settings) == [later]
+    text, media2 = _queue(store, 8, "m"), store.new_id()
+    store.create(media2, "m", "media", 1)
+    assert claim_batch(store, settings) == [text]  # ... and is never claimed behind a text job
+    assert claim_batch(store, settings) == [media2]
 
 
 def test_batched_jobs_match_jobs_run_alone(
