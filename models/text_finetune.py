@@ -99,6 +99,14 @@ def _turn(speaker: str | None, text: str, with_speaker: bool) -> str:
     return f"{speaker}: {text}" if with_speaker and speaker else text
 
 
+def _turns(speakers: Sequence[str | None], texts: Sequence[str | None], window: ContextWindow) -> list[str | None]:
+    """Each turn's encoder string (``"Speaker: text"``), None where it has no text."""
+    return [
+        _turn(s, t.strip(), window.speaker) if isinstance(t, str) and t.strip() else None
+        for s, t in zip(speakers, texts, strict=True)
+    ]
+
+
 def window_pairs(
     speakers: Sequence[str | None],
     texts: Sequence[str | None],
@@ -118,10 +126,7 @@ def window_pairs(
     Returns:
         ``n`` entries; ``context`` is ``"next: ... || before: ..."`` (either part may be missing, or "").
     """
-    turns = [
-        _turn(s, t.strip(), window.speaker) if isinstance(t, str) and t.strip() else None
-        for s, t in zip(speakers, texts, strict=True)
-    ]
+    turns = _turns(speakers, texts, window)
     present = [i for i, t in enumerate(turns) if t is not None]
     pos = {i: k for k, i in enumerate(present)}
     n_future = window.future if future_known else 0
@@ -154,13 +159,7 @@ def conversation_pairs(
 
 def conversation_turns(convs: Sequence[Conversation], window: ContextWindow) -> list[list[str | None]]:
     """Conversation mode's inputs: per conversation, each turn's ``"Speaker: text"`` or None (no text)."""
-    return [
-        [
-            _turn(u.speaker, u.text.strip(), window.speaker) if isinstance(u.text, str) and u.text.strip() else None
-            for u in c.utterances
-        ]
-        for c in convs
-    ]
+    return [_turns([u.speaker for u in c.utterances], [u.text for u in c.utterances], window) for c in convs]
 
 
 def conversation_inputs(convs: Sequence[Conversation], window: ContextWindow) -> list[list[Any]]:

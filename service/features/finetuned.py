@@ -18,11 +18,12 @@ chat. The embedding cache key is (extractor version, the exact encoder input), n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,23 +171,18 @@ class FinetunedTextEncoder:
                 self._cache.clear()
             self._cache.update(got)
 
-    def _threads(self) -> Any:
-        """Context manager: torch's thread count set to ``num_threads`` for one encoder call."""
-        import contextlib
-
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's thread count set to ``num_threads`` for one encoder call."""
         import torch
 
-        @contextlib.contextmanager
-        def scope() -> Any:
-            previous = torch.get_num_threads()
-            if self.num_threads:
-                torch.set_num_threads(self.num_threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(previous)
-
-        return scope()
+        previous = torch.get_num_threads()
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
     def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Pooled vectors (N, dim) float32 of encoder inputs; cached per (version, exact input) in memory
