@@ -186,16 +186,26 @@ def oof_text_features_cmd(
     data: Annotated[Path, typer.Option(help="the dataset folder it was fine-tuned on")],
     folds: Annotated[int, typer.Option(help="K: fine-tunes on K-1 folds each")] = 2,
     epochs: Annotated[int | None, typer.Option(help="epochs per fold [the extractor's config]")] = None,
+    lr: Annotated[float | None, typer.Option(help="LoRA learning rate per fold [the extractor's config]")] = None,
+    head_lr: Annotated[float | None, typer.Option(help="head learning rate per fold [the extractor's config]")] = None,
+    fold: Annotated[int | None, typer.Option(help="fit only this fold (run folds in parallel processes)")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     quiet: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Out-of-fold train features of a fine-tuned extractor (train fusion models with --set finetune.oof=true)."""
+    """Out-of-fold train features of a fine-tuned extractor (train fusion models with --set finetune.oof=true).
+
+    Fold models start from the base encoder (a warm start saw every train label); give the cold recipe
+    with --lr/--head-lr/--epochs when the extractor was warm-started. Folds already written with the same
+    recipe are reused, so `--fold 0` and `--fold 1` in two processes, then a run without --fold, merge."""
     from service.offline.text_finetuning import oof_features
 
     if folds < 2:
         _fail("--folds must be >= 2")
+    if fold is not None and not 0 <= fold < folds:
+        _fail(f"--fold must be in 0..{folds - 1}")
+    overrides = {k: v for k, v in {"lr": lr, "head_lr": head_lr}.items() if v is not None}
     try:
-        path = oof_features(extractor, data, folds, device, not quiet, epochs)
+        path = oof_features(extractor, data, folds, device, not quiet, epochs, fold, overrides)
     except (DataError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"oof_features": str(path)}))

@@ -23,7 +23,6 @@ from models.text_finetune import (
     ContextWindow,
     FineTuneConfig,
     conversation_inputs,
-    conversation_pairs,
     finetune_text_encoder,
     save_adapter,
 )
@@ -206,58 +205,110 @@ OOF_FILE = Path("oof") / "train_features.npz"
 
 
 def oof_features(
-    extractor: Path, data: Path, folds: int = 2, device: str = "auto", progress: bool = True, epochs: int | None = None
+    extractor: Path,
+    data: Path,
+    folds: int = 2,
+    device: str = "auto",
+    progress: bool = True,
+    epochs: int | None = None,
+    only_fold: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """Out-of-fold train features for ``extractor``: K fine-tunes (same base, config and seed), each on
-    K-1 folds of the train conversations, encoding the fold it did not see.
+    """Out-of-fold train features for ``extractor``: K fine-tunes (same base, window and seed), each on
+    K-1 folds of the train conversations, encoding the fold it did not see through the serving code
+    path (:class:`service.features.finetuned.FinetunedTextEncoder`, pair or conversation mode).
 
-    Written to ``extractor/oof/train_features.npz`` (conversation id -> (n, dim) float16, NaN rows for
-    utterances without text); ``merc train --set finetune.oof=true`` trains the fusion model on them
-    (dev, test and serving use the extractor itself). Not part of the extractor's hash: derived data
-    that stays on this host (it is made of the dataset's text).
+    Fold models always start from the base encoder, even when the extractor was warm-started
+    (``init``): the warm start saw every train label, so starting from it would leak the held fold's
+    labels. ``overrides`` (e.g. ``{"lr": 5e-4}``, the cold recipe) and ``epochs`` change the fold
+    recipe; both are recorded in ``oof/oof.json``.
+
+    Each fold is written to ``oof/fold-K.npz`` as it finishes (``only_fold``: fit that fold alone, so
+    folds can run in parallel processes); once every fold is there they are merged into
+    ``extractor/oof/train_features.npz`` (conversation id -> (n, dim) float16, NaN rows for utterances
+    without text), which ``merc train --set finetune.oof=true`` trains the fusion model on (dev, test
+    and serving use the extractor itself). Not part of the extractor's hash: derived data that stays on
+    this host (it is made of the dataset's text). Returns the merged file, or the fold's file.
     """
     import numpy as np
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from models.text_finetune import predict_pairs
-    from models.train import resolve_device
-    from service.features.text import _resolve_source
 
     meta = json.loads((extractor / "finetune.json").read_text())
-    cfg = FineTuneConfig.from_dict(meta["config"])
-    if cfg.window.mode != "pairs":
-        raise DataError(f"{extractor}: out-of-fold features are implemented for the pair encoding only")
+    values = {**meta["config"], **(overrides or {}), "init": None}
     if epochs is not None:  # e.g. the epoch the full fine-tune was selected at
-        cfg.epochs = epochs
-    labels = list(meta["labels"])
-    train, dev = read_jsonl(data / "train.jsonl"), read_jsonl(data / "dev.jsonl")
+        values["epochs"] = epochs
+    cfg = FineTuneConfig.from_dict(values)
+    train = read_jsonl(data / "train.jsonl")
     order = sorted(range(len(train)), key=lambda i: train[i].id)
     fold_of = {train[i].id: k % folds for k, i in enumerate(order)}
+    where = extractor / OOF_FILE.parent
+    where.mkdir(parents=True, exist_ok=True)
+    recipe = {"folds": folds, "config": cfg.to_dict(), "extractor": meta.get("base", {})}
+    for k in [only_fold] if only_fold is not None else range(folds):
+        part = where / f"fold-{k}.npz"
+        if part.is_file() and json.loads((where / f"fold-{k}.json").read_text()).get("recipe") == recipe:
+            continue  # done by an earlier (or parallel) run with the same recipe
+        vectors, report = _oof_fold(
+            meta,
+            cfg,
+            data,
+            [c for c in train if fold_of[c.id] != k],
+            [c for c in train if fold_of[c.id] == k],
+            device,
+            progress,
+            f"fold {k}: ",
+        )
+        np.savez_compressed(part, **vectors)
+        (where / f"fold-{k}.json").write_text(json.dumps({"fold": k, "recipe": recipe, **report}, indent=2))
+    if only_fold is not None:
+        return where / f"fold-{only_fold}.npz"
+    out: dict[str, np.ndarray] = {}
+    reports = []
+    for k in range(folds):
+        with np.load(where / f"fold-{k}.npz") as part:
+            out.update({name: part[name] for name in part.files})
+        reports.append(json.loads((where / f"fold-{k}.json").read_text()))
+    path = extractor / OOF_FILE
+    np.savez_compressed(path, **out)
+    (where / "oof.json").write_text(json.dumps({**recipe, "report": reports}, indent=2))
+    return path
+
+
+def _oof_fold(meta, cfg: FineTuneConfig, data: Path, seen, held, device: str, progress: bool, prefix: str):
+    """Fine-tune on ``seen``, encode ``held``: ``({conversation id: (n, dim) float16}, report)``."""
+    import tempfile
+
+    import numpy as np
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.text_finetune import seed_everything
+    from models.train import resolve_device
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+    from service.features.text import _resolve_source
+
+    seed_everything(cfg.seed)
     source = _resolve_source(meta["base"]["name"], None)
     tokenizer = AutoTokenizer.from_pretrained(str(source.locate()), local_files_only=True)
+    encoder = AutoModel.from_pretrained(str(source.locate()), local_files_only=True)
     dev_name = str(resolve_device(device))
-    out: dict[str, np.ndarray] = {}
-    report = []
-    for k in range(folds):
-        seen = [c for c in train if fold_of[c.id] != k]
-        held = [c for c in train if fold_of[c.id] == k]
-        encoder = AutoModel.from_pretrained(str(source.locate()), local_files_only=True)
-        model, history = _fit(encoder, tokenizer, source.dim, seen, dev, labels, cfg, dev_name, progress, f"fold {k}: ")
-        report.append(
-            {"fold": k, "train_conversations": len(seen), "best_dev": max(history, key=lambda h: h["dev_weighted_f1"])}
-        )
-        for conv, pairs in zip(held, conversation_pairs(held, cfg.window), strict=True):
-            present = [p for p in pairs if p is not None]
-            vecs = np.full((len(pairs), source.dim), np.nan, np.float32)
-            if present:
-                pooled, _ = predict_pairs(model, tokenizer, present, cfg.window.max_length, dev_name)
-                vecs[[i for i, p in enumerate(pairs) if p is not None]] = pooled
-            out[conv.id] = vecs.astype(np.float16)
-        del model
-        torch.manual_seed(cfg.seed)
-    path = extractor / OOF_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **out)
-    (path.parent / "oof.json").write_text(json.dumps({"folds": folds, "report": report}, indent=2))
-    return path
+    dev = read_jsonl(data / "dev.jsonl")
+    model, history = _fit(
+        encoder, tokenizer, source.dim, seen, dev, list(meta["labels"]), cfg, dev_name, progress, prefix
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter(model.to("cpu"), cfg, tmp, meta["base"])
+        fold = FinetunedTextEncoder(spec_entry(tmp, "oof-fold"), Path(tmp), dev_name, use_disk_cache=False)
+        rows = fold.conversation_vectors(held, future_known=True)
+    out = {}
+    for conv, row in zip(held, rows, strict=True):
+        vecs = np.full((len(row), source.dim), np.nan, np.float32)
+        for i, v in enumerate(row):
+            if v is not None:
+                vecs[i] = v
+        out[conv.id] = vecs.astype(np.float16)
+    best = max(history, key=lambda h: h["dev_weighted_f1"]) if history else None
+    return out, {
+        "train_conversations": len(seen),
+        "held_conversations": len(held),
+        "best_dev": best,
+        "history": history,
+    }
