@@ -3,9 +3,10 @@
 Prints, in one run:
 
 * (a) in-process text scoring with the default bundle (``Settings.default_model``, or ``--bundle``):
-  20 fresh turns (features + fusion model, ``service.inference.pipeline.extract_features`` + ``score``) and an
-  append of 1 turn in the context of 20 (``first=20, future_known=False``: only the new turn is
-  encoded), p50/p99 wall milliseconds and the CPU milliseconds per call (all threads), for fp32 and
+  20 fresh turns (features + fusion model, ``service.inference.pipeline.extract_features`` + ``score``) and
+  4 appends of 1 turn each after them, one by one as a chat goes on (turns 20..23; ``first=k,
+  future_known=False``: only the new turn is encoded; in conversation mode, 3 of 4 join the open chunk
+  whose keys/values are cached), p50/p99 wall milliseconds and the CPU milliseconds per call (all threads), for fp32 and
   int8 (``MERC_TEXT_INT8``) and 1 and 2 torch threads. Every call has new sentences: the embedding
   caches (memory and SQLite, in a temporary ``MERC_CACHE_DIR``) never hit.
 * (b) the same 20 turns through the plain MiniLM-L6 encoder (no context, no speaker), for reference.
@@ -79,9 +80,10 @@ def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -
         post(fresh_conversation(20, rng))
     rows: dict[str, list[tuple[float, float]]] = {"post": [], "append": []}
     for _ in range(n):
-        conv = fresh_conversation(21, rng)
+        conv = fresh_conversation(24, rng)
         rows["post"].append(_timed(post, Conversation(id="b", utterances=conv.utterances[:20])))
-        rows["append"].append(_timed(append, conv))
+        for k in range(21, 25):
+            rows["append"].append(_timed(append, Conversation(id="b", utterances=conv.utterances[:k])))
     out = {}
     for k, v in rows.items():
         wall, cpu = zip(*v, strict=True)

@@ -200,3 +200,90 @@ def training_chunks(
             out.append(c)
             ys.append([lab[i] for i, _ in c.outputs])
     return out, ys
+
+
+# ---------------------------------------------------------------- appends: keys and values kept per chunk
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (heads, L, head_dim) of one chunk
+
+
+def supports_kv(encoder: Any) -> bool:
+    """Whether :func:`forward_kv` can run ``encoder``: a BERT-family model (MiniLM) with plain submodules."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    return getattr(getattr(encoder, "config", None), "model_type", None) == "bert" and layers is not None
+
+
+def forward_kv(
+    encoder: Any, input_ids: torch.Tensor, allowed: torch.Tensor, past: KV | None = None
+) -> tuple[torch.Tensor, KV]:
+    """The encoder's last hidden states (B, L, H) for ``input_ids`` (B, L), continuing ``past`` (the keys and
+    values of the tokens before them, (B, heads, P, head_dim) per layer) under ``allowed`` (B, L, P + L) bool.
+
+    The BERT layers of :mod:`transformers` computed step by step (embeddings at positions P.., then per
+    layer: query/key/value, attention over past + new keys, output, feed-forward), so a chunk's earlier
+    tokens, whose states never depend on a later turn (turn-causal mask), need not be encoded again
+    when a turn is appended. Returns the hidden states and every layer's keys/values over P + L tokens.
+    Equal to ``encoder(input_ids, attention_mask=...)`` on the whole input (tested to 1e-5).
+    """
+    b, n = input_ids.shape
+    offset = past[0][0].shape[2] if past else 0
+    positions = torch.arange(offset, offset + n, device=input_ids.device)[None].expand(b, n)
+    h = encoder.embeddings(input_ids=input_ids, position_ids=positions)
+    mask = allowed[:, None]  # (B, 1, L, P + L)
+    kv: KV = []
+    for i, layer in enumerate(encoder.encoder.layer):
+        att = layer.attention.self
+        shape = (b, n, att.num_attention_heads, att.attention_head_size)
+        q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in (att.query, att.key, att.value))  # (B, heads, L, d)
+        if past:
+            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        a = layer.attention.output(ctx.transpose(1, 2).reshape(b, n, -1), h)
+        h = layer.output(layer.intermediate(a), a)
+        kv.append((k, v))
+    return h, kv
+
+
+@torch.no_grad()
+def predict_chunks_kv(
+    model: Any,
+    pad_id: int,
+    chunks: Sequence[Chunk],
+    device: str,
+    keep: Sequence[bool],
+    max_tokens: int = 4096,
+) -> tuple[list[np.ndarray], list[KV]]:
+    """:func:`predict_chunks` through :func:`forward_kv`: per chunk its pooled outputs (k, H) and, where
+    ``keep``, its keys/values (unpadded, on ``device``) for a later :func:`extend_chunk` ([] elsewhere)."""
+    if model.training:
+        model.eval()
+    pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(chunks)
+    kvs: list[KV] = [[] for _ in chunks]
+    for idx in chunk_batches(chunks, max_tokens, 0.25):
+        part = [chunks[i] for i in idx]
+        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id).items()}
+        hidden, kv = forward_kv(model.encoder, batch["input_ids"], batch["attention_mask"].bool())
+        vec = pool_chunks(hidden.float(), batch, part).cpu().numpy()
+        k = 0
+        for j, (i, c) in enumerate(zip(idx, part, strict=True)):
+            pooled[i] = vec[k : k + len(c.outputs)]
+            if keep[i]:
+                n = len(c.input_ids)
+                kvs[i] = [(key[j, :, :n].clone(), value[j, :, :n].clone()) for key, value in kv]
+            k += len(c.outputs)
+    return pooled, kvs
+
+
+@torch.no_grad()
+def extend_chunk(model: Any, new: Chunk, past: KV, device: str) -> tuple[np.ndarray, KV]:
+    """Encode ``new`` (the appended turns of a chunk: their tokens only, local turn ids after the past
+    ones) after ``past`` (that chunk's earlier tokens' keys/values): pooled outputs (k, H) and the keys/values
+    of the whole chunk. Every new token attends to every past token (all of an earlier turn or [CLS])."""
+    if model.training:
+        model.eval()
+    batch = {k: v.to(device) for k, v in pad_chunks([new], 0).items()}
+    n, p = len(new.input_ids), past[0][0].shape[1]
+    allowed = torch.cat([torch.ones(1, n, p, dtype=torch.bool, device=device), batch["attention_mask"].bool()], 2)
+    hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, [(k[None], v[None]) for k, v in past])
+    vec = pool_chunks(hidden.float(), batch, [new]).cpu().numpy()
+    return vec, [(k[0], v[0]) for k, v in kv]

@@ -43,6 +43,53 @@ MAX_PADDING = 0.25
 MEMORY_CACHE_ENTRIES = 50_000
 
 
+def kv_cache_bytes() -> int:
+    """``MERC_TEXT_KV_CACHE_MB`` (default 64; 0 = off): memory for the keys/values of open chunks."""
+    return int(float(os.environ.get("MERC_TEXT_KV_CACHE_MB", "64")) * 2**20)
+
+
+class ChunkKVCache:
+    """Conversation mode: the per-layer keys/values of the last, still open chunk of recent
+    conversations (models.text_chunks.KV), keyed by the turns they were computed from (chunk_key), least
+    recently used first out under a byte budget. An append that lands in such a chunk encodes only its
+    new turn (models.text_chunks.extend_chunk); MiniLM: ~2 MB for a chunk of 6 turns in float32."""
+
+    def __init__(self, budget: int) -> None:
+        from collections import OrderedDict
+
+        self.budget, self.used = budget, 0
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _size(kv: Any) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def pop(self, key: str) -> Any | None:
+        """The keys/values stored under ``key`` (removed: the caller extends them), or None."""
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                self.misses += 1
+                return None
+            self.used -= item[1]
+            self.hits += 1
+            return item[0]
+
+    def put(self, key: str, kv: Any) -> None:
+        size = self._size(kv)
+        if size > self.budget:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.used += size - (old[1] if old else 0)
+            self._items[key] = (kv, size)
+            while self.used > self.budget:
+                _, (_, freed) = self._items.popitem(last=False)
+                self.used -= freed
+
+
 def _cache_text(pair: tuple[str, str]) -> str:
     """The embedding-cache key text of an encoder input (target and context, unit-separated)."""
     return f"{pair[0]}\x1f{pair[1]}"
@@ -111,6 +158,7 @@ class FinetunedTextEncoder:
         self._tokenizer = None
         self._cache: dict[tuple[str, str], np.ndarray] = {}
         self._lock = threading.Lock()
+        self.kv_cache = ChunkKVCache(kv_cache_bytes())
         self.disk_cache = None
         if use_disk_cache:
             from service.features.text import EmbeddingCache, FeatureSpec, default_text_cache_dir
@@ -212,8 +260,9 @@ class FinetunedTextEncoder:
     def encode_turns(self, convs: Sequence[Sequence[str]], first: Sequence[int]) -> list[np.ndarray]:
         """Conversation mode: vectors (n_i - first_i, dim) of turns ``first_i..`` of each conversation
         (``convs[i]``: its present turns' encoder strings), all conversations' chunks in one call.
-        Cached per (version, the turns the vector depends on: models.text_chunks.chunk_key)."""
-        from models.text_chunks import chunk_conversation, chunk_key, input_start, predict_chunks, tokenize_turns
+        Cached per (version, the turns the vector depends on: models.text_chunks.chunk_key); the keys and
+        values of each conversation's open last chunk are kept (:class:`ChunkKVCache`) for its next append."""
+        from models.text_chunks import chunk_conversation, chunk_key, input_start, tokenize_turns
 
         w = self.window
         keys = [
@@ -238,7 +287,7 @@ class FinetunedTextEncoder:
                 chunks += part
                 owner += [c] * len(part)
             with self._threads():
-                pooled, _ = predict_chunks(self._model, tok.pad_token_id or 0, chunks, self.device)
+                pooled = self._encode_chunks(chunks, [convs[c] for c in owner])
             for c, chunk, vecs in zip(owner, chunks, pooled, strict=True):
                 for (index, _), v in zip(chunk.outputs, vecs, strict=True):
                     new[keys[c][index - first[c]]] = v
@@ -246,6 +295,45 @@ class FinetunedTextEncoder:
             got.update(new)
         self._remember(got, new, str)
         return [np.stack([got[k] for k in row]) if row else np.zeros((0, self.dim), np.float32) for row in keys]
+
+    def _encode_chunks(self, chunks: Sequence[Any], turns: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Pooled outputs of each chunk (``turns[j]``: the strings of chunk j's conversation). A chunk whose
+        earlier turns' keys/values are cached encodes only its new turns; a conversation's last chunk
+        that more turns can join leaves its keys/values in the cache."""
+        from dataclasses import replace
+
+        from models.text_chunks import chunk_key, extend_chunk, predict_chunks, predict_chunks_kv, supports_kv
+
+        pad = self._tokenizer.pad_token_id or 0
+        if not self.kv_cache.budget or not supports_kv(self._model.encoder):
+            return predict_chunks(self._model, pad, chunks, self.device)[0]
+        size = self.window.chunk
+        out: list[np.ndarray | None] = [None] * len(chunks)
+        kvs: list[Any] = [None] * len(chunks)
+        for j, c in enumerate(chunks):
+            w = c.outputs[0][0]
+            if w % size == 0:  # the chunk's first turn: nothing before it in this chunk
+                continue
+            past = self.kv_cache.pop(chunk_key(turns[j], c.start, w - 1))
+            cut = c.turn_ids.index(w - c.start)
+            if past is not None and past[0][0].shape[1] == cut:
+                tail = replace(c, input_ids=c.input_ids[cut:], turn_ids=c.turn_ids[cut:], pool=c.pool[cut:])
+                out[j], kvs[j] = extend_chunk(self._model, tail, past, self.device)
+        rest = [j for j in range(len(chunks)) if out[j] is None]
+        if rest:
+            keep = [self._open_chunk(chunks[j], turns[j]) for j in rest]
+            pooled, kv = predict_chunks_kv(self._model, pad, [chunks[j] for j in rest], self.device, keep)
+            for j, p, k in zip(rest, pooled, kv, strict=True):
+                out[j], kvs[j] = p, k
+        for j, c in enumerate(chunks):
+            if self._open_chunk(c, turns[j]):
+                self.kv_cache.put(chunk_key(turns[j], c.start, c.outputs[-1][0]), kvs[j])
+        return out  # type: ignore[return-value]
+
+    def _open_chunk(self, chunk: Any, turns: Sequence[str]) -> bool:
+        """The chunk ends at its conversation's last turn and has room for the next one."""
+        last = chunk.outputs[-1][0]
+        return last == len(turns) - 1 and last % self.window.chunk != self.window.chunk - 1
 
     def conversation_vectors(
         self, convs: Sequence[Conversation], future_known: bool = True, first: Sequence[int] | None = None

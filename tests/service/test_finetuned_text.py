@@ -245,6 +245,35 @@ def test_conversation_mode_is_turn_causal_and_appends_match(conv_extractor) -> N
     assert not np.allclose(whole[1], whole[3], atol=1e-3)  # the same line in another context differs
 
 
+def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chat turn by turn: an append into an open chunk encodes its new turn only, after the cached keys
+    and values of the chunk's earlier tokens, and equals transformers' forward on the whole conversation."""
+    import torch
+
+    from models.data import Conversation
+    from service.features.finetuned import ChunkKVCache, FinetunedTextEncoder, spec_entry
+
+    data, folder = conv_extractor
+    entry = spec_entry(folder, "tiny-conv")
+    conv = read_jsonl(data / "dev.jsonl")[0]
+    monkeypatch.setenv("MERC_TEXT_KV_CACHE_MB", "0")  # off: transformers' own forward (forward_chunks)
+    reference = FinetunedTextEncoder(entry, folder, "cpu", use_disk_cache=False)
+    whole = np.stack(reference.conversation_vectors([conv])[0])
+    monkeypatch.delenv("MERC_TEXT_KV_CACHE_MB")
+    enc = FinetunedTextEncoder(entry, folder, "cpu", use_disk_cache=False)
+    for k in range(len(conv.utterances)):  # turn 0 posted, then one append per turn
+        cut = Conversation(id=conv.id, utterances=conv.utterances[: k + 1])
+        row = enc.conversation_vectors([cut], future_known=False, first=[k])[0]
+        np.testing.assert_allclose(row[k], whole[k], atol=1e-5)
+    assert (enc.kv_cache.hits, enc.kv_cache.misses) == (3, 0)  # turns 1, 3, 5 joined the chunk of 0, 2, 4
+    assert enc.kv_cache.used == 0  # every chunk of 2 is closed now: nothing kept
+    small = ChunkKVCache(budget=2 * 4 * 8)  # room for one (1 layer: keys + values of 8 floats)
+    pair = [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))]
+    small.put("a", pair)
+    small.put("b", pair)
+    assert small.pop("a") is None and small.pop("b") is pair and small.used == 0
+
+
 def test_conversation_mode_costs_each_turn_once(conv_extractor) -> None:
     from transformers import AutoTokenizer
 
@@ -263,3 +292,25 @@ def test_conversation_mode_costs_each_turn_once(conv_extractor) -> None:
     own = sum(len(t) + 1 for t in ids)
     carried = (len(ids[1]) + 1) + (len(ids[3]) + 1)  # the turn before chunks 2 and 3, again
     assert encoded == own + carried + len(chunks)  # + one [CLS] per chunk; pairs would encode ~2x own
+
+
+def test_out_of_fold_features_in_conversation_mode(conv_extractor, tmp_path: Path) -> None:
+    """Conversation mode too; the folds start cold (the extractor's warm start saw every label), run one
+    per call (--fold), and a later call merges them without fitting again."""
+    from service.offline.text_finetuning import oof_features
+
+    data, folder = conv_extractor
+    copy = tmp_path / "extractor"
+    shutil.copytree(folder, copy)
+    part = oof_features(copy, data, folds=2, device="cpu", progress=False, epochs=1, only_fold=1)
+    assert part.name == "fold-1.npz" and not (copy / "oof" / "train_features.npz").exists()
+    stamp = part.stat().st_mtime_ns
+    path = oof_features(copy, data, folds=2, device="cpu", progress=False, epochs=1)
+    assert part.stat().st_mtime_ns == stamp  # fold 1 reused, fold 0 fitted, both merged
+    report = json.loads((copy / "oof" / "oof.json").read_text())
+    assert report["config"]["init"] is None and report["config"]["window"]["mode"] == "conversation"
+    assert [r["fold"] for r in report["report"]] == [0, 1]
+    stored = np.load(path)
+    convs = read_jsonl(data / "train.jsonl")
+    assert sorted(stored.files) == sorted(c.id for c in convs)
+    assert all(stored[c.id].shape == (6, 384) and np.isfinite(stored[c.id]).all() for c in convs)

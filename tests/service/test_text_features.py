@@ -180,6 +180,7 @@ def test_embedding_cache_store(tmp_path: Path) -> None:
     assert a.key("x") != b.key("x") and len(a) == 2
     with pytest.raises(ValueError):
         a.put_many(["x"], vecs)
+    a.close()  # the file corrupted on disk while no connection holds its write-ahead log
     a.path.write_bytes(b"this is not a database" * 100)
     with pytest.warns(UserWarning, match="unreadable"):
         _, found = EmbeddingCache(tmp_path, spec_a).get_many(["x"])
@@ -225,3 +226,35 @@ def test_sqlite_is_the_backing_store(tmp_path: Path) -> None:
     with sqlite3.connect(cache.path) as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert con.execute("SELECT COUNT(*) FROM emb").fetchone()[0] == 1
+
+
+def test_embedding_cache_connection_is_kept_per_thread_and_process(tmp_path: Path) -> None:
+    """One open connection per thread (a write no longer checkpoints and syncs the file); another
+    thread, a forked child and a removed file each get their own working connection."""
+    import multiprocessing
+    import threading
+
+    cache = EmbeddingCache(tmp_path, FeatureSpec("enc", "v1", 2))
+    cache.put_many(["a"], np.ones((1, 2), np.float32))
+    first = cache._local.con
+    cache.put_many(["b"], np.full((1, 2), 2, np.float32))
+    assert cache._local.con is first  # reused, not reopened
+    seen: list[bool] = []
+    worker = threading.Thread(target=lambda: seen.append(bool(cache.get_many(["a", "b"])[1].all())))
+    worker.start()
+    worker.join()
+    assert seen == [True]
+    child = multiprocessing.get_context("fork").Process(
+        target=lambda: cache.put_many(["c"], np.full((1, 2), 3, np.float32))
+    )
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    got, found = cache.get_many(["c"])
+    assert found.all() and got[0, 0] == 3  # the child's own connection wrote it
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(cache.path) + suffix).unlink(missing_ok=True)
+    assert not cache.get_many(["a"])[1].any()  # a removed file: reopened, recreated, empty
+    cache.put_many(["d"], np.zeros((1, 2), np.float32))
+    assert cache.get_many(["d"])[1].all() and len(cache) == 1
+    cache.close()
