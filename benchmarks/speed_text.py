@@ -12,6 +12,9 @@ Prints, in one run:
 * (b) the same 20 turns through the plain MiniLM-L6 encoder (no context, no speaker), for reference.
 * (c) the dev weighted F1 of the bundle with fp32 and int8 text features (``merc evaluate`` in a
   subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl).
+* (e) where the milliseconds of a small input go: the MiniLM encoder's forward by input length (12 to
+  100 tokens, 1 thread), a 12-token turn appended after 40 cached tokens
+  (``models.text_chunks.forward_kv``), and a write of one vector to the SQLite embedding cache.
 * (d) with ``--http``: ``benchmarks/api_cpu.py --clients-list 1,4,16`` (a real ``merc serve``).
 
 On a shared machine the wall figures depend on the load (printed); the CPU milliseconds much less.
@@ -115,6 +118,42 @@ def plain_minilm(n: int, threads: int, rng: random.Random) -> dict[str, float]:
     return {"wall_p50_ms": float(np.median(wall) * 1000), "cpu_p50_ms": float(np.median(cpu) * 1000)}
 
 
+def small_inputs(n: int) -> dict[str, float]:
+    """(e): encoder forward p50 ms by length, an append after cached keys/values, a cache write."""
+    from transformers import AutoModel
+
+    from models.text_chunks import forward_kv
+    from service.features.text import EmbeddingCache, FeatureSpec, _resolve_source
+
+    torch.set_num_threads(1)
+    where = str(_resolve_source("minilm-l6-v2", None).locate())
+    model = AutoModel.from_pretrained(where, local_files_only=True).eval()
+
+    def p50(fn) -> float:
+        fn()
+        return float(np.median([_timed(fn)[0] for _ in range(n)]) * 1000)
+
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for length in (12, 40, 100):
+            ids = torch.randint(1000, 5000, (1, length))
+            out[f"forward_{length}_tokens_ms"] = p50(lambda ids=ids: model(input_ids=ids))
+        _, past = forward_kv(model, torch.randint(1000, 5000, (1, 40)), torch.ones(1, 40, 40, dtype=torch.bool))
+        new, allowed = torch.randint(1000, 5000, (1, 12)), torch.ones(1, 12, 52, dtype=torch.bool)
+        out["append_12_after_40_cached_ms"] = p50(lambda: forward_kv(model, new, allowed, past))
+    cache = EmbeddingCache(tempfile.mkdtemp(prefix="merc-cache-"), FeatureSpec("bench", "v1", 384))
+    vec, count = np.ones((1, 384), np.float32), iter(range(10**9))
+    out["cache_write_1_vector_ms"] = p50(lambda: cache.put_many([f"t{next(count)}"], vec))
+    print(
+        "small inputs, MiniLM forward: "
+        + ", ".join(f"{k.split('_')[1]} tokens {v:.1f} ms" for k, v in out.items() if k.startswith("forward"))
+        + f"; 12 tokens after 40 cached {out['append_12_after_40_cached_ms']:.1f} ms"
+        + f"; embedding-cache write {out['cache_write_1_vector_ms']:.2f} ms",
+        flush=True,
+    )
+    return out
+
+
 def dev_accuracy(bundle: str, int8: bool) -> float | None:
     """Dev weighted F1 (``merc evaluate``) with int8 text features on or off; None without the data."""
     bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
@@ -154,6 +193,7 @@ def main() -> None:
             report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng)
     for t in threads:
         report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng)
+    report["small_inputs"] = small_inputs(args.n)
     if not args.no_accuracy:
         report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8") for k in ("fp32", "int8")}
         f32, i8 = report["dev_weighted_f1"].values()

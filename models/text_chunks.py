@@ -20,6 +20,10 @@ encoded once for every target that reads them). The model must therefore be fine
 training uses the same chunks with a random chunk alignment per conversation and epoch (every turn
 is seen at every chunk position).
 
+Appends: since a chunk's earlier tokens never attend to a later turn, their per-layer keys and values
+stay valid when a turn joins the chunk; :func:`forward_kv` runs the BERT layers over the new turn's
+tokens only, after those keys and values (:func:`extend_chunk`), with the vectors of a full pass.
+
 Pure PyTorch + transformers: never imports ``service/``.
 """
 
