@@ -22,7 +22,8 @@ is seen at every chunk position).
 
 Appends: since a chunk's earlier tokens never attend to a later turn, their per-layer keys and values
 stay valid when a turn joins the chunk; :func:`forward_kv` runs the BERT layers over the new turn's
-tokens only, after those keys and values (:func:`extend_chunk`), with the vectors of a full pass.
+tokens only, after those keys and values (:func:`extend_chunks`, several chunks in one batch), with
+the vectors of a full pass.
 
 Pure PyTorch + transformers: never imports ``service/``.
 """
@@ -218,10 +219,16 @@ def supports_kv(encoder: Any) -> bool:
 
 
 def forward_kv(
-    encoder: Any, input_ids: torch.Tensor, allowed: torch.Tensor, past: KV | None = None
+    encoder: Any,
+    input_ids: torch.Tensor,
+    allowed: torch.Tensor,
+    past: KV | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KV]:
     """The encoder's last hidden states (B, L, H) for ``input_ids`` (B, L), continuing ``past`` (the keys and
     values of the tokens before them, (B, heads, P, head_dim) per layer) under ``allowed`` (B, L, P + L) bool.
+    ``offsets`` (B,): the position of each row's first new token (default P; rows whose past is padded
+    to P have a smaller one, and ``allowed`` hides their padded past columns).
 
     The BERT layers of :mod:`transformers` computed step by step (embeddings at positions P.., then per
     layer: query/key/value, attention over past + new keys, output, feed-forward), so a chunk's earlier
@@ -230,8 +237,9 @@ def forward_kv(
     Equal to ``encoder(input_ids, attention_mask=...)`` on the whole input (tested to 1e-5).
     """
     b, n = input_ids.shape
-    offset = past[0][0].shape[2] if past else 0
-    positions = torch.arange(offset, offset + n, device=input_ids.device)[None].expand(b, n)
+    if offsets is None:
+        offsets = torch.full((b,), past[0][0].shape[2] if past else 0, device=input_ids.device)
+    positions = offsets[:, None] + torch.arange(n, device=input_ids.device)[None]  # (B, L)
     h = encoder.embeddings(input_ids=input_ids, position_ids=positions)
     mask = allowed[:, None]  # (B, 1, L, P + L)
     kv: KV = []
@@ -279,15 +287,40 @@ def predict_chunks_kv(
 
 
 @torch.no_grad()
-def extend_chunk(model: Any, new: Chunk, past: KV, device: str) -> tuple[np.ndarray, KV]:
-    """Encode ``new`` (the appended turns of a chunk: their tokens only, local turn ids after the past
-    ones) after ``past`` (that chunk's earlier tokens' keys/values): pooled outputs (k, H) and the keys/values
-    of the whole chunk. Every new token attends to every past token (all of an earlier turn or [CLS])."""
+def extend_chunks(
+    model: Any, new: Sequence[Chunk], pasts: Sequence[KV], device: str
+) -> tuple[list[np.ndarray], list[KV]]:
+    """Encode each ``new[j]`` (the appended turns of a chunk: their tokens only, local turn ids after the
+    past ones) after ``pasts[j]`` (that chunk's earlier tokens' keys/values, (heads, P_j, head_dim) per
+    layer), all in one batch: the weights are read once, which is what a small input costs on CPU.
+    Returns per chunk its pooled outputs (k, H) and the keys/values of the whole chunk (P_j + its tokens).
+    Every new token attends to every past token of its chunk (all of an earlier turn, or [CLS])."""
     if model.training:
         model.eval()
-    batch = {k: v.to(device) for k, v in pad_chunks([new], 0).items()}
-    n, p = len(new.input_ids), past[0][0].shape[1]
-    allowed = torch.cat([torch.ones(1, n, p, dtype=torch.bool, device=device), batch["attention_mask"].bool()], 2)
-    hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, [(k[None], v[None]) for k, v in past])
-    vec = pool_chunks(hidden.float(), batch, [new]).cpu().numpy()
-    return vec, [(k[0], v[0]) for k, v in kv]
+    batch = {k: v.to(device) for k, v in pad_chunks(new, 0).items()}
+    sizes = [p[0][0].shape[1] for p in pasts]
+    width, n = max(sizes), batch["input_ids"].shape[1]
+    allowed = torch.zeros(len(new), n, width, dtype=torch.bool, device=device)
+    padded: KV = []
+    for layer in range(len(pasts[0])):
+        k0 = pasts[0][layer][0]
+        keys = k0.new_zeros((len(new), k0.shape[0], width, k0.shape[2]))
+        values = torch.zeros_like(keys)
+        for j, p in enumerate(pasts):
+            keys[j, :, : sizes[j]], values[j, :, : sizes[j]] = p[layer]
+        padded.append((keys, values))
+    for j, size in enumerate(sizes):
+        allowed[j, :, :size] = True
+    allowed = torch.cat([allowed, batch["attention_mask"].bool()], 2)
+    offsets = torch.tensor(sizes, device=device)
+    hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, padded, offsets)
+    vec = pool_chunks(hidden.float(), batch, new).cpu().numpy()
+    out, k = [], 0
+    for c in new:
+        out.append(vec[k : k + len(c.outputs)])
+        k += len(c.outputs)
+    whole = []
+    for j, (c, size) in enumerate(zip(new, sizes, strict=True)):  # drop each row's padding from its keys/values
+        end = width + len(c.input_ids)
+        whole.append([tuple(torch.cat([x[j, :, :size], x[j, :, width:end]], 1) for x in pair) for pair in kv])
+    return out, whole

@@ -302,7 +302,7 @@ class FinetunedTextEncoder:
         that more turns can join leaves its keys/values in the cache."""
         from dataclasses import replace
 
-        from models.text_chunks import chunk_key, extend_chunk, predict_chunks, predict_chunks_kv, supports_kv
+        from models.text_chunks import chunk_key, extend_chunks, predict_chunks, predict_chunks_kv, supports_kv
 
         pad = self._tokenizer.pad_token_id or 0
         if not self.kv_cache.budget or not supports_kv(self._model.encoder):
@@ -310,6 +310,7 @@ class FinetunedTextEncoder:
         size = self.window.chunk
         out: list[np.ndarray | None] = [None] * len(chunks)
         kvs: list[Any] = [None] * len(chunks)
+        tails: dict[int, tuple[Any, Any]] = {}  # chunk -> (its new tokens, the cached keys/values before them)
         for j, c in enumerate(chunks):
             w = c.outputs[0][0]
             if w % size == 0:  # the chunk's first turn: nothing before it in this chunk
@@ -318,7 +319,12 @@ class FinetunedTextEncoder:
             cut = c.turn_ids.index(w - c.start)
             if past is not None and past[0][0].shape[1] == cut:
                 tail = replace(c, input_ids=c.input_ids[cut:], turn_ids=c.turn_ids[cut:], pool=c.pool[cut:])
-                out[j], kvs[j] = extend_chunk(self._model, tail, past, self.device)
+                tails[j] = (tail, past)
+        if tails:
+            new = [t for t, _ in tails.values()]
+            pooled, kv = extend_chunks(self._model, new, [p for _, p in tails.values()], self.device)
+            for j, vec, k in zip(tails, pooled, kv, strict=True):
+                out[j], kvs[j] = vec, k
         rest = [j for j in range(len(chunks)) if out[j] is None]
         if rest:
             keep = [self._open_chunk(chunks[j], turns[j]) for j in rest]

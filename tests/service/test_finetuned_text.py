@@ -267,6 +267,19 @@ def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypa
         np.testing.assert_allclose(row[k], whole[k], atol=1e-5)
     assert (enc.kv_cache.hits, enc.kv_cache.misses) == (3, 0)  # turns 1, 3, 5 joined the chunk of 0, 2, 4
     assert enc.kv_cache.used == 0  # every chunk of 2 is closed now: nothing kept
+    from dataclasses import replace
+
+    convs = [  # a micro-batch: three chats, pasts of other lengths, no line shared (that would be a cache hit)
+        replace(c, utterances=[replace(u, text=f"{u.text} {'x' * (i + 1)} {j}") for j, u in enumerate(c.utterances)])
+        for i, c in enumerate(read_jsonl(data / "train.jsonl")[:3])
+    ]
+    wholes = [np.stack(v) for v in reference.conversation_vectors(convs)]
+    for k in range(3):
+        cuts = [Conversation(id=c.id, utterances=c.utterances[: k + 1]) for c in convs]
+        rows = enc.conversation_vectors(cuts, future_known=False, first=[k] * 3)
+        for row, whole_c in zip(rows, wholes, strict=True):
+            np.testing.assert_allclose(row[k], whole_c[k], atol=1e-5)
+    assert enc.kv_cache.hits == 3 + 3  # turn 1 of the three, extended together
     small = ChunkKVCache(budget=2 * 4 * 8)  # room for one (1 layer: keys + values of 8 floats)
     pair = [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))]
     small.put("a", pair)
