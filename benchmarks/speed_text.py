@@ -14,7 +14,9 @@ Prints, in one run:
   subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl).
 * (e) where the milliseconds of a small input go: the MiniLM encoder's forward by input length (12 to
   100 tokens, 1 thread), a 12-token turn appended after 40 cached tokens
-  (``models.text_chunks.forward_kv``), and a write of one vector to the SQLite embedding cache.
+  (``models.text_chunks.forward_kv``), a write of one vector to the SQLite embedding cache, and 16
+  appends to 16 chats in one encoder call (a micro-batch; conversation-mode extractor
+  ``weights/text/meld7-minilm-conv-warm``) with the open chunks' keys/values cached and without.
 * (d) with ``--http``: ``benchmarks/api_cpu.py --clients-list 1,4,16`` (a real ``merc serve``).
 
 On a shared machine the wall figures depend on the load (printed); the CPU milliseconds much less.
@@ -154,6 +156,31 @@ def small_inputs(n: int) -> dict[str, float]:
     return out
 
 
+def batched_appends(n: int, rng: random.Random) -> dict[str, float]:
+    """(e): 16 appends (turn 22 of 16 chats) in one conversation-mode encoder call, with and without
+    ``MERC_TEXT_KV_CACHE_MB`` (the open chunks' keys/values)."""
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+
+    folder = ROOT / "weights" / "text" / "meld7-minilm-conv-warm"
+    out: dict[str, float] = {}
+    for label, budget in (("no_kv_cache", "0"), ("kv_cache", "64")):
+        os.environ["MERC_TEXT_KV_CACHE_MB"] = budget
+        enc = FinetunedTextEncoder(spec_entry(folder, folder.name), folder, "cpu", use_disk_cache=False)
+        times = []
+        for _ in range(max(3, n // 4)):
+            convs = [Conversation(id=f"c{i}", utterances=fresh_conversation(23, rng).utterances) for i in range(16)]
+            enc.conversation_vectors([Conversation(id=c.id, utterances=c.utterances[:22]) for c in convs], False)
+            times.append(_timed(enc.conversation_vectors, convs, False, [22] * 16)[0])
+        out[f"16_appends_{label}_ms"] = float(np.median(times[1:]) * 1000)
+    os.environ.pop("MERC_TEXT_KV_CACHE_MB")
+    print(
+        f"16 appends in one call (conversation mode): {out['16_appends_no_kv_cache_ms']:.0f} ms without the "
+        f"key/value cache, {out['16_appends_kv_cache_ms']:.0f} ms with it",
+        flush=True,
+    )
+    return out
+
+
 def dev_accuracy(bundle: str, int8: bool) -> float | None:
     """Dev weighted F1 (``merc evaluate``) with int8 text features on or off; None without the data."""
     bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
@@ -193,7 +220,7 @@ def main() -> None:
             report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng)
     for t in threads:
         report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng)
-    report["small_inputs"] = small_inputs(args.n)
+    report["small_inputs"] = small_inputs(args.n) | batched_appends(args.n, rng)
     if not args.no_accuracy:
         report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8") for k in ("fp32", "int8")}
         f32, i8 = report["dev_weighted_f1"].values()
