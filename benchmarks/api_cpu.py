@@ -6,7 +6,8 @@ Prints, for the default bundle:
   the answer carries the result), every request with new sentences (no embedding-cache hits);
 * p50/p99 latency of appending one utterance (POST /v1/conversations/{id}/utterances);
 * requests per second with 16 concurrent clients (or each of ``--clients-list``), their p50/p99 latency,
-  and the error count (must be 0);
+  and the error count (must be 0); the same for chat traffic (``concurrent_appends``: each client
+  appends one turn at a time to its own 20-turn conversation);
 * the resident memory of the server and its children (the inference runner) after 10 requests
   and after 1000 (chatbot sessions of 20 turns
   plus 10 appended ones; a single conversation growing to hundreds of utterances costs more
@@ -145,6 +146,34 @@ def concurrent_rps(load: Load, clients: int, total: int) -> dict[str, float]:
     return {"clients": clients, "requests": total, "rps": round(total / wall, 2), "errors": total - ok} | latency
 
 
+def concurrent_appends(load: Load, clients: int, total: int) -> dict[str, float]:
+    """Chat traffic: one 20-turn conversation per client, then ``total`` appends of one turn, each client
+    appending to its own conversation one turn at a time (as a chatbot backend would)."""
+    pool = [httpx.Client(base_url=load.url, timeout=120) for _ in range(clients)]
+    ids = [(load.call(pool[0], "/v1/conversations", load.conversation())[1] or {}).get("id") for _ in range(clients)]
+
+    def chat(i: int, turns: int) -> list[tuple[float, dict | None]]:
+        path = f"/v1/conversations/{ids[i]}/utterances"
+        return [
+            load.call(pool[i], path, {"utterances": [{"speaker": "A", "text": load.sentence()}]}) for _ in range(turns)
+        ]
+
+    per = max(1, total // clients)
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as ex:
+        results = [r for f in [ex.submit(chat, i, per) for i in range(clients)] for r in f.result()]
+    wall = time.perf_counter() - started
+    for c in pool:
+        c.close()
+    ok = sum(1 for _, body in results if body and body.get("utterances"))
+    latency = percentiles([elapsed for elapsed, _ in results])
+    return (
+        {"clients": clients, "appends": len(results), "rps": round(len(results) / wall, 2)}
+        | latency
+        | {"errors": len(results) - ok}
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="bundle to time [the service default, MERC_DEFAULT_MODEL]")
@@ -190,6 +219,7 @@ def main() -> None:
             out["append_1_utterance"] = percentiles(turn) | {"context": f"20 -> {20 + args.n} utterances"}
         levels = [int(c) for c in args.clients_list.split(",")] if args.clients_list else [args.clients]
         out["concurrent"] = [concurrent_rps(load, c, max(args.per_client * c, 32)) for c in levels]
+        out["concurrent_appends"] = [concurrent_appends(load, c, max(args.per_client * c, 32)) for c in levels]
         with httpx.Client(base_url=server.url, timeout=120) as client:
             curve = {}
             while load.count < args.total:  # chatbot sessions: 20 turns, then 10 appended ones
