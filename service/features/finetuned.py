@@ -298,8 +298,12 @@ class FinetunedTextEncoder:
 
     def _encode_chunks(self, chunks: Sequence[Any], turns: Sequence[Sequence[str]]) -> list[np.ndarray]:
         """Pooled outputs of each chunk (``turns[j]``: the strings of chunk j's conversation). A chunk whose
-        earlier turns' keys/values are cached encodes only its new turns; a conversation's last chunk
-        that more turns can join leaves its keys/values in the cache."""
+        earlier tokens' keys/values are cached encodes only its new turns. A conversation's last chunk
+        leaves keys/values for its next turn: its own when more turns can join it; when an appended turn
+        just filled it, those of the next chunk's first tokens ([CLS] + its ``past`` turns), computed in
+        the same batch as the append (one more row: the weights are read once), so the next append
+        also encodes only its own tokens. A whole conversation's last chunk does not (a POST would pay
+        that row; its first append then encodes the turns before it again)."""
         from dataclasses import replace
 
         from models.text_chunks import chunk_key, extend_chunks, predict_chunks, predict_chunks_kv, supports_kv
@@ -307,39 +311,62 @@ class FinetunedTextEncoder:
         pad = self._tokenizer.pad_token_id or 0
         if not self.kv_cache.budget or not supports_kv(self._model.encoder):
             return predict_chunks(self._model, pad, chunks, self.device)[0]
-        size = self.window.chunk
-        out: list[np.ndarray | None] = [None] * len(chunks)
-        kvs: list[Any] = [None] * len(chunks)
         tails: dict[int, tuple[Any, Any]] = {}  # chunk -> (its new tokens, the cached keys/values before them)
         for j, c in enumerate(chunks):
             w = c.outputs[0][0]
-            if w % size == 0:  # the chunk's first turn: nothing before it in this chunk
+            if w == c.start:  # nothing before its first output in its input but [CLS]
                 continue
             past = self.kv_cache.pop(chunk_key(turns[j], c.start, w - 1))
             cut = c.turn_ids.index(w - c.start)
             if past is not None and past[0][0].shape[1] == cut:
                 tail = replace(c, input_ids=c.input_ids[cut:], turn_ids=c.turn_ids[cut:], pool=c.pool[cut:])
                 tails[j] = (tail, past)
-        if tails:
-            new = [t for t, _ in tails.values()]
-            pooled, kv = extend_chunks(self._model, new, [p for _, p in tails.values()], self.device)
-            for j, vec, k in zip(tails, pooled, kv, strict=True):
+        out: list[Any] = [None] * len(chunks)
+        kvs: list[Any] = [None] * len(chunks)
+        if tails:  # the next chunks' first tokens ride along (one row each)
+            nexts = {j: self._next_prefix(chunks[j]) for j in tails if self._closes(chunks[j], turns[j])}
+            rows = [t for t, _ in tails.values()] + [chunk for chunk, _ in nexts.values()]
+            empty = [(k[:, :0], v[:, :0]) for k, v in next(iter(tails.values()))[1]]
+            pasts = [p for _, p in tails.values()] + [empty] * len(nexts)
+            pooled, kv = extend_chunks(self._model, rows, pasts, self.device)
+            for j, vec, k in zip(tails, pooled, kv, strict=False):
                 out[j], kvs[j] = vec, k
-        rest = [j for j in range(len(chunks)) if out[j] is None]
+            for (j, (_, start)), k in zip(nexts.items(), kv[len(tails) :], strict=True):
+                self.kv_cache.put(chunk_key(turns[j], start, chunks[j].outputs[-1][0]), k)
+        rest = [j for j in range(len(chunks)) if j not in tails]
         if rest:
             keep = [self._open_chunk(chunks[j], turns[j]) for j in rest]
             pooled, kv = predict_chunks_kv(self._model, pad, [chunks[j] for j in rest], self.device, keep)
-            for j, p, k in zip(rest, pooled, kv, strict=True):
-                out[j], kvs[j] = p, k
+            for j, vec, k in zip(rest, pooled, kv, strict=True):
+                out[j], kvs[j] = vec, k
         for j, c in enumerate(chunks):
             if self._open_chunk(c, turns[j]):
                 self.kv_cache.put(chunk_key(turns[j], c.start, c.outputs[-1][0]), kvs[j])
-        return out  # type: ignore[return-value]
+        return out
 
     def _open_chunk(self, chunk: Any, turns: Sequence[str]) -> bool:
         """The chunk ends at its conversation's last turn and has room for the next one."""
         last = chunk.outputs[-1][0]
         return last == len(turns) - 1 and last % self.window.chunk != self.window.chunk - 1
+
+    def _closes(self, chunk: Any, turns: Sequence[str]) -> bool:
+        """The chunk ends at its conversation's last turn, which fills it: the next turn starts a chunk."""
+        last = chunk.outputs[-1][0]
+        return last == len(turns) - 1 and last % self.window.chunk == self.window.chunk - 1 and self.window.past > 0
+
+    def _next_prefix(self, chunk: Any) -> tuple[Any, int]:
+        """The first tokens of the chunk after ``chunk`` ([CLS] + its ``past`` turns, all in ``chunk``'s
+        input) as a chunk without outputs, and that chunk's input start."""
+        from models.text_chunks import Chunk
+
+        last = chunk.outputs[-1][0]
+        start = max(0, last + 1 - self.window.past)
+        ids, turn_ids = [chunk.input_ids[0]], [-1]
+        for token, turn in zip(chunk.input_ids, chunk.turn_ids, strict=True):
+            if turn >= start - chunk.start:
+                ids.append(token)
+                turn_ids.append(turn - (start - chunk.start))
+        return Chunk(ids, turn_ids, [0] * len(ids), [], start), start
 
     def conversation_vectors(
         self, convs: Sequence[Conversation], future_known: bool = True, first: Sequence[int] | None = None

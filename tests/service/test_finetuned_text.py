@@ -265,8 +265,10 @@ def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypa
         cut = Conversation(id=conv.id, utterances=conv.utterances[: k + 1])
         row = enc.conversation_vectors([cut], future_known=False, first=[k])[0]
         np.testing.assert_allclose(row[k], whole[k], atol=1e-5)
-    assert (enc.kv_cache.hits, enc.kv_cache.misses) == (3, 0)  # turns 1, 3, 5 joined the chunk of 0, 2, 4
-    assert enc.kv_cache.used == 0  # every chunk of 2 is closed now: nothing kept
+    # every append found its keys/values: turns 1, 3, 5 those of the chunk opened by 0, 2, 4; turns 2 and 4
+    # those of their chunk's first tokens ([CLS] + the turn before), computed when 1 and 3 filled theirs
+    assert (enc.kv_cache.hits, enc.kv_cache.misses) == (5, 0)
+    assert enc.kv_cache.used > 0  # turn 5 filled its chunk: the next one's first tokens wait
     from dataclasses import replace
 
     convs = [  # a micro-batch: three chats, pasts of other lengths, no line shared (that would be a cache hit)
@@ -279,7 +281,7 @@ def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypa
         rows = enc.conversation_vectors(cuts, future_known=False, first=[k] * 3)
         for row, whole_c in zip(rows, wholes, strict=True):
             np.testing.assert_allclose(row[k], whole_c[k], atol=1e-5)
-    assert enc.kv_cache.hits == 3 + 3  # turn 1 of the three, extended together
+    assert enc.kv_cache.hits == 5 + 3 + 3  # turns 1 and 2 of the three, extended together
     small = ChunkKVCache(budget=2 * 4 * 8)  # room for one (1 layer: keys + values of 8 floats)
     pair = [(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))]
     small.put("a", pair)
