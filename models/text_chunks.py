@@ -159,6 +159,11 @@ def chunk_batches(chunks: Sequence[Chunk], max_tokens: int, max_padding: float |
     return batches
 
 
+def split_outputs(rows: np.ndarray, chunks: Sequence[Chunk]) -> list[np.ndarray]:
+    """``rows`` (sum of the chunks' outputs, X), in chunk order -> one (k, X) array per chunk."""
+    return np.split(rows, np.cumsum([len(c.outputs) for c in chunks])[:-1]) if chunks else []
+
+
 @torch.no_grad()
 def predict_chunks(
     model: Any,
@@ -180,10 +185,8 @@ def predict_chunks(
         with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
             vec, logits = model.forward_chunks(batch, part)
         vec, p = vec.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()
-        k = 0
-        for i, c in zip(idx, part, strict=True):
-            pooled[i], probs[i] = vec[k : k + len(c.outputs)], p[k : k + len(c.outputs)]
-            k += len(c.outputs)
+        for i, v, q in zip(idx, split_outputs(vec, part), split_outputs(p, part), strict=True):
+            pooled[i], probs[i] = v, q
     return pooled, probs
 
 
@@ -266,7 +269,7 @@ def predict_chunks_kv(
     max_tokens: int = 4096,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """:func:`predict_chunks` through :func:`forward_kv`: per chunk its pooled outputs (k, H) and, where
-    ``keep``, its keys/values (unpadded, on ``device``) for a later :func:`extend_chunk` ([] elsewhere)."""
+    ``keep``, its keys/values (unpadded, on ``device``) for a later :func:`extend_chunks` ([] elsewhere)."""
     if model.training:
         model.eval()
     pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(chunks)
@@ -276,13 +279,11 @@ def predict_chunks_kv(
         batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id).items()}
         hidden, kv = forward_kv(model.encoder, batch["input_ids"], batch["attention_mask"].bool())
         vec = pool_chunks(hidden.float(), batch, part).cpu().numpy()
-        k = 0
-        for j, (i, c) in enumerate(zip(idx, part, strict=True)):
-            pooled[i] = vec[k : k + len(c.outputs)]
+        for j, (i, c, v) in enumerate(zip(idx, part, split_outputs(vec, part), strict=True)):
+            pooled[i] = v
             if keep[i]:
                 n = len(c.input_ids)
                 kvs[i] = [(key[j, :, :n].clone(), value[j, :, :n].clone()) for key, value in kv]
-            k += len(c.outputs)
     return pooled, kvs
 
 
@@ -343,11 +344,7 @@ def _extend_batch(
     allowed = torch.cat([allowed, batch["attention_mask"].bool()], 2)
     offsets = torch.tensor(sizes, device=device)
     hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, padded, offsets)
-    vec = pool_chunks(hidden.float(), batch, new).cpu().numpy()
-    out, k = [], 0
-    for c in new:
-        out.append(vec[k : k + len(c.outputs)])
-        k += len(c.outputs)
+    out = split_outputs(pool_chunks(hidden.float(), batch, new).cpu().numpy(), new)
     whole = []
     for j, (c, size) in enumerate(zip(new, sizes, strict=True)):  # drop each row's padding from its keys/values
         end = width + len(c.input_ids)

@@ -52,7 +52,7 @@ class ChunkKVCache:
     """Conversation mode: the per-layer keys/values of the last, still open chunk of recent
     conversations (models.text_chunks.KV), keyed by the turns they were computed from (chunk_key), least
     recently used first out under a byte budget. An append that lands in such a chunk encodes only its
-    new turn (models.text_chunks.extend_chunk); MiniLM: ~2 MB for a chunk of 6 turns in float32."""
+    new turn (models.text_chunks.extend_chunks); MiniLM: ~2 MB for a chunk of 6 turns in float32."""
 
     def __init__(self, budget: int) -> None:
         from collections import OrderedDict
@@ -325,14 +325,14 @@ class FinetunedTextEncoder:
         kvs: list[Any] = [None] * len(chunks)
         if tails:  # the next chunks' first tokens ride along (one row each)
             nexts = {j: self._next_prefix(chunks[j]) for j in tails if self._closes(chunks[j], turns[j])}
-            rows = [t for t, _ in tails.values()] + [chunk for chunk, _ in nexts.values()]
+            rows = [t for t, _ in tails.values()] + list(nexts.values())
             empty = [(k[:, :0], v[:, :0]) for k, v in next(iter(tails.values()))[1]]
             pasts = [p for _, p in tails.values()] + [empty] * len(nexts)
             pooled, kv = extend_chunks(self._model, rows, pasts, self.device)
             for j, vec, k in zip(tails, pooled, kv, strict=False):
                 out[j], kvs[j] = vec, k
-            for (j, (_, start)), k in zip(nexts.items(), kv[len(tails) :], strict=True):
-                self.kv_cache.put(chunk_key(turns[j], start, chunks[j].outputs[-1][0]), k)
+            for (j, prefix), k in zip(nexts.items(), kv[len(tails) :], strict=True):
+                self.kv_cache.put(chunk_key(turns[j], prefix.start, chunks[j].outputs[-1][0]), k)
         rest = [j for j in range(len(chunks)) if j not in tails]
         if rest:
             keep = [self._open_chunk(chunks[j], turns[j]) for j in rest]
@@ -354,19 +354,18 @@ class FinetunedTextEncoder:
         last = chunk.outputs[-1][0]
         return last == len(turns) - 1 and last % self.window.chunk == self.window.chunk - 1 and self.window.past > 0
 
-    def _next_prefix(self, chunk: Any) -> tuple[Any, int]:
+    def _next_prefix(self, chunk: Any) -> Any:
         """The first tokens of the chunk after ``chunk`` ([CLS] + its ``past`` turns, all in ``chunk``'s
-        input) as a chunk without outputs, and that chunk's input start."""
-        from models.text_chunks import Chunk
+        input) as a chunk without outputs (its ``start``: that chunk's first input turn)."""
+        from models.text_chunks import Chunk, input_start
 
-        last = chunk.outputs[-1][0]
-        start = max(0, last + 1 - self.window.past)
+        start = input_start(chunk.outputs[-1][0] + 1, self.window.chunk, self.window.past)
         ids, turn_ids = [chunk.input_ids[0]], [-1]
         for token, turn in zip(chunk.input_ids, chunk.turn_ids, strict=True):
             if turn >= start - chunk.start:
                 ids.append(token)
                 turn_ids.append(turn - (start - chunk.start))
-        return Chunk(ids, turn_ids, [0] * len(ids), [], start), start
+        return Chunk(ids, turn_ids, [0] * len(ids), [], start)
 
     def conversation_vectors(
         self, convs: Sequence[Conversation], future_known: bool = True, first: Sequence[int] | None = None

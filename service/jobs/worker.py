@@ -150,7 +150,8 @@ def claim_batch(
             else:  # another worker took it: the next one
                 job_id = store.next_queued()
     deadline = time.monotonic() + (settings.batch_wait_ms if wait_ms is None else wait_ms) / 1000
-    while claimed and len(claimed) < settings.batch_max and not _is_media(store, claimed[0]):
+    alone = bool(claimed) and _is_media(store, claimed[0])  # read once, not on every poll of the wait
+    while claimed and len(claimed) < settings.batch_max and not alone:
         job_id = store.next_queued()
         if job_id is None:
             if time.monotonic() >= deadline:
