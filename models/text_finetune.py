@@ -290,6 +290,8 @@ class FineTuneConfig:
     lora_dropout: float = 0.1
     lora_layers: int | None = None  # adapters on the top N layers only (None = all): cheaper backward on CPU
     init: str | None = None  # warm start: an extractor folder (save_adapter) whose LoRA adapter and head start training
+    distill: str | None = None  # teacher extractor folder: also match its vectors; select on the dev distance to them
+    distill_weight: float = 1.0  # weight of the vector-matching loss (standardised squared error) beside cross-entropy
     lr: float = 5e-4
     head_lr: float = 2e-3
     weight_decay: float = 0.01
@@ -455,6 +457,10 @@ def _flatten(
     return flat, ys
 
 
+Forward = Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor]]
+Batch = tuple[Forward, list[int], "np.ndarray | None"]  # forward -> (pooled (B, H), logits (B, C)), labels, targets
+
+
 class _PairTask:
     """Training batches and dev predictions of the pair encoding (one input per utterance)."""
 
@@ -465,31 +471,35 @@ class _PairTask:
         self.lengths = [len(a) + len(b) for a, b in self.x_train]
         self.n_batches = math.ceil(len(self.x_train) / cfg.batch_size)
 
-    def epoch(self, rng: random.Random) -> list[tuple[Callable[[nn.Module, str], torch.Tensor], list[int]]]:
-        """``(logits_of(model, device), targets)`` per batch, shuffled."""
+    dev_targets: np.ndarray | None = None  # no distillation in pair mode
 
-        def run(idx: list[int]) -> Callable[[nn.Module, str], torch.Tensor]:
-            def logits_of(model: nn.Module, device: str) -> torch.Tensor:
+    def epoch(self, rng: random.Random) -> list[Batch]:
+        """``(forward(model, device) -> (pooled, logits), labels, None)`` per batch, shuffled."""
+
+        def run(idx: list[int]) -> Forward:
+            def forward(model: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
                 batch = tokenize_pairs(self.tokenizer, [self.x_train[i] for i in idx], self.cfg.window.max_length)
-                return model({k: v.to(device) for k, v in batch.items()})[1]
+                return model({k: v.to(device) for k, v in batch.items()})
 
-            return logits_of
+            return forward
 
         batches = _batches(len(self.x_train), self.lengths, self.cfg.batch_size, rng)
-        return [(run(idx), [self.y_train[i] for i in idx]) for idx in batches]
+        return [(run(idx), [self.y_train[i] for i in idx], None) for idx in batches]
 
-    def dev_probs(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray]:
-        _, probs = predict_pairs(model, self.tokenizer, self.x_dev, self.cfg.window.max_length, device, amp=amp)
-        return np.array(self.y_dev), probs
+    def dev_predict(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Dev labels (N,), probabilities (N, C) and pooled vectors (N, H)."""
+        pooled, probs = predict_pairs(model, self.tokenizer, self.x_dev, self.cfg.window.max_length, device, amp=amp)
+        return np.array(self.y_dev), probs, pooled
 
 
 class _ChunkTask:
     """Training batches and dev predictions of the conversation mode (models.text_chunks).
 
     A batch holds ``batch_size // chunk`` chunks (about ``batch_size`` labelled turns), length-bucketed;
-    every epoch draws a new chunk alignment per conversation."""
+    every epoch draws a new chunk alignment per conversation. ``targets`` (train, dev): per conversation
+    the teacher's vectors (n_turns with text, H) to distil, or None."""
 
-    def __init__(self, tokenizer: Any, train: Any, dev: Any, cfg: FineTuneConfig) -> None:
+    def __init__(self, tokenizer: Any, train: Any, dev: Any, cfg: FineTuneConfig, targets: Any = None) -> None:
         from models.text_chunks import tokenize_turns
 
         self.cfg, self.pad_id = cfg, tokenizer.pad_token_id or 0
@@ -505,37 +515,73 @@ class _ChunkTask:
             return toks, ys
 
         self.train, self.dev = prepare(*train), prepare(*dev)
+        self.t_train, self.t_dev = targets if targets is not None else (None, None)
+        for name, data, tg in (("train", self.train, self.t_train), ("dev", self.dev, self.t_dev)):
+            if tg is not None and [len(t) for t in data[0]] != [len(t) for t in tg]:
+                raise ValueError(f"distillation: the teacher's {name} vectors do not match the turns with text")
+        self.scale = torch.ones(1)  # 1 / the teacher's per-dimension std over train (H,)
+        self.dev_targets: np.ndarray | None = None
+        if self.t_train is not None:
+            flat = np.concatenate([t for t in self.t_train if len(t)])
+            std = flat.std(0)  # floored as the fusion models' input statistics are (common.set_input_stats)
+            self.scale = torch.from_numpy(1.0 / np.where(std > 1e-4, std, 1.0)).float()
+            self.dev_targets = np.concatenate(self._chunks(self.dev, None, self.t_dev)[2])
         self.per_batch = max(1, cfg.batch_size // w.chunk)
         self.n_batches = math.ceil(len(self._chunks(self.train, random.Random(0))[0]) / self.per_batch)
 
-    def _chunks(self, data: Any, rng: random.Random | None) -> tuple[list[Any], list[list[int]]]:
+    def _chunks(
+        self, data: Any, rng: random.Random | None, targets: Sequence[np.ndarray] | None = None
+    ) -> tuple[list[Any], list[list[int]], list[np.ndarray]]:
+        """Chunks, their outputs' labels, and (with ``targets``) their outputs' teacher vectors (k, H)."""
         from models.text_chunks import training_chunks
 
         w = self.cfg.window
-        return training_chunks(data[0], data[1], self.cls_id, self.sep_id, w.past, w.chunk, rng)
+        chunks, ys, rows = [], [], []
+        for c, (toks, lab) in enumerate(zip(*data, strict=True)):  # one call per conversation: same rng draws
+            part, y = training_chunks([toks], [lab], self.cls_id, self.sep_id, w.past, w.chunk, rng)
+            chunks += part
+            ys += y
+            if targets is not None:
+                rows += [targets[c][[i for i, _ in ch.outputs]] for ch in part]
+        return chunks, ys, rows
 
-    def epoch(self, rng: random.Random) -> list[tuple[Callable[[nn.Module, str], torch.Tensor], list[int]]]:
+    def epoch(self, rng: random.Random) -> list[Batch]:
         from models.text_chunks import pad_chunks
 
-        chunks, ys = self._chunks(self.train, rng)
+        chunks, ys, rows = self._chunks(self.train, rng, self.t_train)
 
-        def run(part: list[Any]) -> Callable[[nn.Module, str], torch.Tensor]:
-            def logits_of(model: nn.Module, device: str) -> torch.Tensor:
+        def run(part: list[Any]) -> Forward:
+            def forward(model: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
                 batch = {k: v.to(device) for k, v in pad_chunks(part, self.pad_id).items()}
-                return model.forward_chunks(batch, part)[1]
+                return model.forward_chunks(batch, part)
 
-            return logits_of
+            return forward
 
         lengths = [len(c.input_ids) for c in chunks]
         batches = _batches(len(chunks), lengths, self.per_batch, rng)
-        return [(run([chunks[i] for i in idx]), [y for i in idx for y in ys[i]]) for idx in batches]
+        return [
+            (
+                run([chunks[i] for i in idx]),
+                [y for i in idx for y in ys[i]],
+                np.concatenate([rows[i] for i in idx]) if rows else None,
+            )
+            for idx in batches
+        ]
 
-    def dev_probs(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray]:
+    def dev_predict(self, model: TextClassifier, device: str, amp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from models.text_chunks import predict_chunks
 
-        chunks, ys = self._chunks(self.dev, None)
-        _, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp)
-        return np.array([y for row in ys for y in row]), np.concatenate(probs)
+        chunks, ys, _ = self._chunks(self.dev, None)
+        pooled, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp)
+        return np.array([y for row in ys for y in row]), np.concatenate(probs), np.concatenate(pooled)
+
+    def distance(self, pooled: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> Any:
+        """Mean squared error in the teacher's standardised units (what a fusion model normalising its
+        inputs with train statistics sees): (N, H), (N, H) -> scalar."""
+        scale = self.scale if isinstance(pooled, torch.Tensor) else self.scale.numpy()
+        if isinstance(pooled, torch.Tensor):
+            scale = scale.to(pooled.device)
+        return (((pooled - targets) * scale) ** 2).mean()
 
 
 def finetune_text_encoder(
@@ -549,6 +595,7 @@ def finetune_text_encoder(
     device: str = "cpu",
     progress: Callable[[str], None] | None = print,
     show_bar: bool = True,
+    targets: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
 ) -> tuple[TextClassifier, list[dict[str, Any]]]:
     """Fine-tune ``encoder`` + a linear head for utterance classification; keep the best dev state.
 
@@ -557,13 +604,26 @@ def finetune_text_encoder(
     in conversation mode. Selection: dev weighted F1, evaluated ``evals_per_epoch`` times per epoch;
     early stop after ``patience`` evaluations without improvement. Returns the model in its best state
     (eval mode) and the history (one dict per evaluation).
+
+    Distillation (``cfg.distill`` and ``targets``: per train / dev conversation, the teacher's vectors of
+    its turns with text, (n, H)), conversation mode only: the loss adds ``cfg.distill_weight`` x the
+    squared error between the pooled vectors and the teacher's, per dimension over the teacher's train
+    std, and selection is on that dev error instead (the student is meant to stand in for the teacher
+    under a fusion model trained on the teacher's vectors: the accuracy that matters is the fusion's).
     """
     from tqdm import tqdm
 
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
     model = _initial_model(encoder, hidden, len(labels), cfg).to(device)
-    task = (_ChunkTask if cfg.window.mode == "conversation" else _PairTask)(tokenizer, train, dev, cfg)
+    if (cfg.distill is None) != (targets is None):
+        raise ValueError("distillation needs both cfg.distill (the teacher) and its vectors (targets)")
+    if targets is not None and cfg.window.mode != "conversation":
+        raise ValueError("distillation is implemented for conversation mode (a pair-mode student is the teacher)")
+    if cfg.window.mode == "conversation":
+        task: _ChunkTask | _PairTask = _ChunkTask(tokenizer, train, dev, cfg, targets)
+    else:
+        task = _PairTask(tokenizer, train, dev, cfg)
     steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
@@ -579,18 +639,22 @@ def finetune_text_encoder(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict[str, Any]] = []
-    best, best_state, bad, step = -1.0, None, 0, 0
+    best, best_state, bad, step = -math.inf, None, 0, 0
     started = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
         batches = task.epoch(rng)
         eval_every = max(1, math.ceil(len(batches) / cfg.evals_per_epoch))
         bar = tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_bar)
-        for b, (logits_of, ys) in enumerate(bar):
+        for b, (forward, ys, teacher) in enumerate(bar):
             target = torch.tensor(ys, device=device)
             with torch.autocast("cuda", enabled=use_amp):
-                logits = logits_of(model, device)
-                loss = loss_fn(logits.float(), target) / cfg.grad_accum
+                pooled, logits = forward(model, device)
+                loss = loss_fn(logits.float(), target)
+                if teacher is not None:
+                    match = task.distance(pooled.float(), torch.from_numpy(teacher).to(device))
+                    loss = loss + cfg.distill_weight * match
+                loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
             if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
                 scaler.unscale_(optim)
@@ -603,7 +667,7 @@ def finetune_text_encoder(
             bar.set_postfix(loss=f"{loss.item() * cfg.grad_accum:.3f}")
             done = cfg.max_steps is not None and step >= cfg.max_steps
             if (b + 1) % eval_every == 0 or b + 1 == len(batches) or done:
-                y_dev, probs = task.dev_probs(model, device, use_amp)
+                y_dev, probs, vectors = task.dev_predict(model, device, use_amp)
                 m = classification_metrics(y_dev, probs.argmax(1), labels)
                 rec = {
                     "epoch": epoch + 1,
@@ -612,11 +676,16 @@ def finetune_text_encoder(
                     "dev_accuracy": m["accuracy"],
                     "seconds": round(time.perf_counter() - started, 1),
                 }
+                score = m["weighted_f1"]
+                if task.dev_targets is not None:
+                    rec["dev_distill_mse"] = round(float(task.distance(vectors, task.dev_targets)), 5)
+                    score = -rec["dev_distill_mse"]
+                rec["dev_selection"] = score
                 history.append(rec)
                 if progress:
                     progress(json.dumps(rec))
-                if m["weighted_f1"] > best:
-                    best, bad = m["weighted_f1"], 0
+                if score > best:
+                    best, bad = score, 0
                     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
                 else:
                     bad += 1

@@ -138,6 +138,14 @@ def finetune_text_cmd(
     init: Annotated[
         Path | None, typer.Option(help="warm start from this extractor's adapter and head (same base, LoRA)")
     ] = None,
+    distill: Annotated[
+        Path | None,
+        typer.Option(
+            help="conversation mode: also match this (pair-mode) extractor's vectors, so the student can "
+            "serve a fusion model trained on them (merc rebase-text)"
+        ),
+    ] = None,
+    distill_weight: Annotated[float, typer.Option(help="weight of the vector-matching loss")] = 1.0,
     epochs: Annotated[int, typer.Option()] = 3,
     lr: Annotated[float, typer.Option(help="encoder (adapter) learning rate")] = 5e-4,
     head_lr: Annotated[float, typer.Option()] = 2e-3,
@@ -163,6 +171,8 @@ def finetune_text_cmd(
             lora_alpha=2 * lora_r,
             lora_layers=lora_layers,
             init=str(init) if init else None,
+            distill=str(distill) if distill else None,
+            distill_weight=distill_weight,
             lr=lr,
             head_lr=head_lr,
             epochs=epochs,

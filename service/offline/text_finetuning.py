@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from models.data import DataError, read_dataset_info, read_jsonl
 from models.text_finetune import (
     ContextWindow,
@@ -39,6 +41,7 @@ def _fit(
     device: str,
     progress: bool,
     prefix: str,
+    targets=None,
 ):
     """:func:`finetune_text_encoder` on conversations (context windows and label indices built here)."""
     return finetune_text_encoder(
@@ -52,7 +55,36 @@ def _fit(
         device=device,
         progress=(lambda s: print(prefix + s, flush=True)) if progress else None,
         show_bar=progress,
+        targets=targets,
     )
+
+
+def teacher_vectors(teacher: str | Path, splits, device: str) -> tuple[list[np.ndarray], ...]:
+    """The teacher extractor's vectors (the serving code path, embedding cache on) of every conversation's
+    turns with text, per split: a list of (n, H) float32 arrays per conversation, for distillation."""
+    from service.features.finetuned import FinetunedTextEncoder, spec_entry
+
+    directory = Path(teacher)
+    if not (directory / "finetune.json").is_file():
+        raise DataError(f"--distill {teacher}: not a fine-tuned text extractor folder (no finetune.json)")
+    encoder = FinetunedTextEncoder(spec_entry(directory, directory.name), directory, device)
+    out = []
+    for convs in splits:
+        rows = encoder.conversation_vectors(convs, future_known=False)
+        out.append(
+            [
+                np.stack([v for v in r if v is not None])
+                if any(v is not None for v in r)
+                else np.zeros((0, encoder.dim), np.float32)
+                for r in rows
+            ]
+        )
+    return tuple(out)
+
+
+def _best(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The selected evaluation: highest ``dev_selection`` (dev weighted F1, or minus the distillation error)."""
+    return max(history, key=lambda h: h.get("dev_selection", h["dev_weighted_f1"])) if history else None
 
 
 def _labels_of(convs, labels: list[str]) -> list[list[int]]:
@@ -90,7 +122,8 @@ def finetune_text(
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
     started = time.perf_counter()
-    model, history = _fit(encoder, tokenizer, source.dim, train, dev, labels, cfg, dev_name, progress, "")
+    targets = teacher_vectors(cfg.distill, [train, dev], dev_name) if cfg.distill else None
+    model, history = _fit(encoder, tokenizer, source.dim, train, dev, labels, cfg, dev_name, progress, "", targets)
     seconds = time.perf_counter() - started
     base_info = {"name": source.extractor, "version": source.version, "dim": source.dim}
     save_adapter(model.to("cpu"), cfg, out, base_info)
@@ -99,7 +132,7 @@ def finetune_text(
     meta.update(
         labels=labels,
         dataset=info.get("name", Path(data).name),
-        best_dev=max(history, key=lambda h: h["dev_weighted_f1"]) if history else None,
+        best_dev=_best(history),
         history=history,
         seconds=round(seconds, 1),
         seconds_per_epoch=round(seconds / max(1, epochs_run), 1),
@@ -109,6 +142,8 @@ def finetune_text(
     )
     if cfg.init:  # the warm start's identity: its files' hash
         meta["init_sha256"] = extractor_hash(cfg.init)
+    if cfg.distill:
+        meta["distill_sha256"] = extractor_hash(cfg.distill)
     (Path(out) / "finetune.json").write_text(json.dumps(meta, indent=2))
     meta["sha256"] = extractor_hash(out)
     if cache_features:
@@ -305,7 +340,7 @@ def _oof_fold(meta, cfg: FineTuneConfig, data: Path, seen, held, device: str, pr
             if v is not None:
                 vecs[i] = v
         out[conv.id] = vecs.astype(np.float16)
-    best = max(history, key=lambda h: h["dev_weighted_f1"]) if history else None
+    best = _best(history)
     return out, {
         "train_conversations": len(seen),
         "held_conversations": len(held),

@@ -329,3 +329,51 @@ def test_out_of_fold_features_in_conversation_mode(conv_extractor, tmp_path: Pat
     convs = read_jsonl(data / "train.jsonl")
     assert sorted(stored.files) == sorted(c.id for c in convs)
     assert all(stored[c.id].shape == (6, 384) and np.isfinite(stored[c.id]).all() for c in convs)
+
+
+def test_distilled_conversation_mode_approaches_its_teacher(extractor, conv_extractor, tmp_path: Path) -> None:
+    """A conversation-mode student distilled from the pair-mode extractor: its vectors move towards the
+    teacher's (standardised error on dev falls from the warm start's), selection is on that error, and
+    the teacher is named by hash."""
+    from service.features.finetuned import FinetunedTextEncoder, extractor_hash, spec_entry
+    from service.offline.text_finetuning import finetune_text, teacher_vectors
+
+    data, teacher = extractor[0], extractor[1]
+    cfg = FineTuneConfig(
+        window=CONV_WINDOW,
+        lr=1e-3,
+        head_lr=1e-2,
+        epochs=4,
+        batch_size=4,
+        patience=100,
+        seed=0,
+        init=str(conv_extractor[1]),
+        distill=str(teacher),
+        distill_weight=4.0,
+    )
+    meta = finetune_text(data, "minilm-l6-v2", tmp_path / "student", cfg, device="cpu", progress=False)
+    assert meta["distill_sha256"] == extractor_hash(teacher)
+    errors = [h["dev_distill_mse"] for h in meta["history"]]
+    assert meta["best_dev"]["dev_distill_mse"] == min(errors)
+
+    dev = read_jsonl(data / "dev.jsonl")
+    (target,) = teacher_vectors(teacher, [dev], "cpu")
+
+    def error(folder: Path) -> float:
+        enc = FinetunedTextEncoder(spec_entry(folder, folder.name), folder, "cpu", use_disk_cache=False)
+        got = [np.stack([v for v in row if v is not None]) for row in enc.conversation_vectors(dev)]
+        std = np.concatenate(target).std(0)
+        scale = np.where(std > 1e-4, std, 1.0)
+        return float(np.mean(((np.concatenate(got) - np.concatenate(target)) / scale) ** 2))
+
+    before, after = error(conv_extractor[1]), error(tmp_path / "student")
+    assert after < 0.5 * before, (before, after)
+    with pytest.raises(ValueError, match="conversation mode"):
+        finetune_text(
+            data,
+            "minilm-l6-v2",
+            tmp_path / "pairs",
+            FineTuneConfig(distill=str(teacher), max_steps=1),
+            device="cpu",
+            progress=False,
+        )
