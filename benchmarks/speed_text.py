@@ -11,7 +11,9 @@ Prints, in one run:
   caches (memory and SQLite, in a temporary ``MERC_CACHE_DIR``) never hit.
 * (b) the same 20 turns through the plain MiniLM-L6 encoder (no context, no speaker), for reference.
 * (c) the dev weighted F1 of the bundle with fp32 and int8 text features (``merc evaluate`` in a
-  subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl).
+  subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl); for
+  a bundle whose fusion weights were rebased onto a distilled text encoder (``merc rebase-text``), also
+  the original bundle's (its teacher encoder: the accuracy without that speed-up).
 * (e) where the milliseconds of a small input go: the MiniLM encoder's forward by input length (12 to
   100 tokens, 1 thread), a 12-token turn appended after 40 cached tokens
   (``models.text_chunks.forward_kv``), a write of one vector to the SQLite embedding cache, and 16
@@ -200,6 +202,13 @@ def dev_accuracy(bundle: str, int8: bool) -> float | None:
     return wf1
 
 
+def rebased_from(bundle: str) -> str | None:
+    """The bundle whose fusion weights ``bundle`` reuses over a distilled text encoder (merc rebase-text)."""
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
+    name = (json.loads((bundle_dir / "manifest.json").read_text()).get("rebased") or {}).get("from_bundle")
+    return name if name and (ROOT / "weights" / name).is_dir() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", default=None, help="bundle name in weights/ or a folder [Settings().default_model]")
@@ -226,6 +235,11 @@ def main() -> None:
         f32, i8 = report["dev_weighted_f1"].values()
         if f32 is not None and i8 is not None:
             print(f"int8 drift: {i8 - f32:+.2f} w-F1 points (the issue allows -0.30)")
+        teacher = rebased_from(bundle)
+        if teacher and f32 is not None:  # the same fusion weights on the encoder the student replaces
+            slow = report["dev_weighted_f1"]["teacher_fp32"] = dev_accuracy(teacher, False)
+            if slow is not None:
+                print(f"distilled text encoder vs its teacher ({teacher}): {f32 - slow:+.2f} w-F1 points")
     print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
     print(json.dumps(report, indent=1))
     if args.http:

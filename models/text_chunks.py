@@ -108,8 +108,20 @@ def chunk_key(turns: Sequence[str], start: int, index: int) -> str:
     return "chunk\x1e" + "\x1e".join(turns[start : index + 1])
 
 
-def pad_chunks(chunks: Sequence[Chunk], pad_id: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` (B, L), ``attention_mask`` (B, L, L) turn-causal, ``turn_ids`` and ``pool`` (B, L)."""
+def turn_mask(query: torch.Tensor, key: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which key tokens each query token attends to, from turn ids: (..., Q) and (..., K) -> (..., Q, K) bool.
+    Turn-causal (a key of the same or an earlier turn; [CLS], turn -1, for all); with ``window``, only
+    the ``window`` turns before the query's own (the pair encoder's view: ``ContextWindow.windowed``)."""
+    q, k = query[..., :, None], key[..., None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (k >= q - window) | (k == -1)
+    return allowed
+
+
+def pad_chunks(chunks: Sequence[Chunk], pad_id: int, window: int | None = None) -> dict[str, torch.Tensor]:
+    """``input_ids`` (B, L), ``attention_mask`` (B, L, L) turn-causal (:func:`turn_mask`), ``turn_ids`` and
+    ``pool`` (B, L)."""
     width = max(len(c.input_ids) for c in chunks)
     ids = np.full((len(chunks), width), pad_id, np.int64)
     turns = np.full((len(chunks), width), PAD_TURN, np.int64)
@@ -118,7 +130,7 @@ def pad_chunks(chunks: Sequence[Chunk], pad_id: int) -> dict[str, torch.Tensor]:
         n = len(c.input_ids)
         ids[b, :n], turns[b, :n], pool[b, :n] = c.input_ids, c.turn_ids, c.pool
     t = torch.from_numpy(turns)
-    mask = (t[:, None, :] <= t[:, :, None]).long()  # query row attends key column
+    mask = turn_mask(t, t, window).long()  # query row attends key column
     return {"input_ids": torch.from_numpy(ids), "attention_mask": mask, "turn_ids": t, "pool": torch.from_numpy(pool)}
 
 
@@ -173,15 +185,17 @@ def predict_chunks(
     max_tokens: int = 4096,
     amp: bool = False,
     max_padding: float | None = 0.25,
+    window: int | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per chunk: ``(pooled (k, H) float32, probabilities (k, C) float32)`` of its outputs, in order."""
+    """Per chunk: ``(pooled (k, H) float32, probabilities (k, C) float32)`` of its outputs, in order
+    (``window``: :func:`turn_mask`)."""
     if model.training:  # eval() walks every submodule: ~1.5 ms a call on a served model
         model.eval()
     pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(chunks)
     probs: list[np.ndarray] = [np.zeros((0, model.head.out_features), np.float32)] * len(chunks)
     for idx in chunk_batches(chunks, max_tokens, max_padding):
         part = [chunks[i] for i in idx]
-        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id).items()}
+        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id, window).items()}
         with torch.autocast("cuda", enabled=amp and device.startswith("cuda")):
             vec, logits = model.forward_chunks(batch, part)
         vec, p = vec.float().cpu().numpy(), torch.softmax(logits.float(), -1).cpu().numpy()
@@ -267,6 +281,7 @@ def predict_chunks_kv(
     device: str,
     keep: Sequence[bool],
     max_tokens: int = 4096,
+    window: int | None = None,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """:func:`predict_chunks` through :func:`forward_kv`: per chunk its pooled outputs (k, H) and, where
     ``keep``, its keys/values (unpadded, on ``device``) for a later :func:`extend_chunks` ([] elsewhere)."""
@@ -276,7 +291,7 @@ def predict_chunks_kv(
     kvs: list[KV] = [[] for _ in chunks]
     for idx in chunk_batches(chunks, max_tokens, 0.25):
         part = [chunks[i] for i in idx]
-        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id).items()}
+        batch = {k: v.to(device) for k, v in pad_chunks(part, pad_id, window).items()}
         hidden, kv = forward_kv(model.encoder, batch["input_ids"], batch["attention_mask"].bool())
         vec = pool_chunks(hidden.float(), batch, part).cpu().numpy()
         for j, (i, c, v) in enumerate(zip(idx, part, split_outputs(vec, part), strict=True)):
@@ -295,12 +310,18 @@ PASS_TOKENS = 40
 
 @torch.no_grad()
 def extend_chunks(
-    model: Any, new: Sequence[Chunk], pasts: Sequence[KV], device: str
+    model: Any,
+    new: Sequence[Chunk],
+    pasts: Sequence[KV],
+    device: str,
+    window: int | None = None,
+    past_turns: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """Encode each ``new[j]`` (the appended turns of a chunk: their tokens only, local turn ids after the
     past ones) after ``pasts[j]`` (that chunk's earlier tokens' keys/values, (heads, P_j, head_dim) per
     layer). Returns per chunk its pooled outputs (k, H) and the keys/values of the whole chunk (P_j + its
-    tokens). Every new token attends to every past token of its chunk (all of an earlier turn, or [CLS]).
+    tokens). Every new token attends to every past token of its chunk (all of an earlier turn, or [CLS]);
+    with ``window`` only to those :func:`turn_mask` allows, by ``past_turns[j]`` (the P_j turn ids).
 
     Rows are batched by length, shortest first: a row joins the current batch unless that adds more than
     :data:`PASS_TOKENS` padded tokens (then another pass over the weights is cheaper)."""
@@ -317,17 +338,25 @@ def extend_chunks(
     pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(new)
     kvs: list[KV] = [[] for _ in new]
     for g in groups:
-        vecs, kv = _extend_batch(model, [new[j] for j in g], [pasts[j] for j in g], device)
+        turns = [past_turns[j] for j in g] if past_turns is not None else None
+        vecs, kv = _extend_batch(model, [new[j] for j in g], [pasts[j] for j in g], device, window, turns)
         for j, v, k in zip(g, vecs, kv, strict=True):
             pooled[j], kvs[j] = v, k
     return pooled, kvs
 
 
 def _extend_batch(
-    model: Any, new: Sequence[Chunk], pasts: Sequence[KV], device: str
+    model: Any,
+    new: Sequence[Chunk],
+    pasts: Sequence[KV],
+    device: str,
+    window: int | None = None,
+    past_turns: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """:func:`extend_chunks` for one padded batch."""
-    batch = {k: v.to(device) for k, v in pad_chunks(new, 0).items()}
+    if window is not None and past_turns is None:
+        raise ValueError("a windowed extension needs the turn ids of the cached tokens (past_turns)")
+    batch = {k: v.to(device) for k, v in pad_chunks(new, 0, window).items()}
     sizes = [p[0][0].shape[1] for p in pasts]
     width, n = max(sizes), batch["input_ids"].shape[1]
     allowed = torch.zeros(len(new), n, width, dtype=torch.bool, device=device)
@@ -340,7 +369,11 @@ def _extend_batch(
             keys[j, :, : sizes[j]], values[j, :, : sizes[j]] = p[layer]
         padded.append((keys, values))
     for j, size in enumerate(sizes):
-        allowed[j, :, :size] = True
+        if window is None:
+            allowed[j, :, :size] = True
+        elif size:
+            key = torch.tensor(list(past_turns[j]), device=device)
+            allowed[j, :, :size] = turn_mask(batch["turn_ids"][j], key, window)
     allowed = torch.cat([allowed, batch["attention_mask"].bool()], 2)
     offsets = torch.tensor(sizes, device=device)
     hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, padded, offsets)

@@ -67,6 +67,8 @@ class ContextWindow:
             is then the turns carried before each chunk, ``future`` must be 0).
         chunk: output turns per chunk (conversation mode).
         turn_tokens: token limit of one turn (conversation mode).
+        windowed: conversation mode: a token attends to its own turn and the ``past`` turns before it
+            only (the view the pair encoder gives its target), not to every earlier turn of its chunk.
     """
 
     past: int = 2
@@ -76,6 +78,7 @@ class ContextWindow:
     mode: str = "pairs"
     chunk: int = 4
     turn_tokens: int = 48
+    windowed: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("pairs", "conversation"):
@@ -88,7 +91,14 @@ class ContextWindow:
         if self.mode == "pairs":  # entries written before the conversation mode stay byte-identical
             for k in ("mode", "chunk", "turn_tokens"):
                 d.pop(k)
+        if not self.windowed:  # entries written before the option stay byte-identical
+            d.pop("windowed")
         return d
+
+    @property
+    def reach(self) -> int | None:
+        """The attention window in turns of the conversation mode (models.text_chunks.turn_mask), or None."""
+        return self.past if self.windowed else None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ContextWindow:
@@ -552,7 +562,7 @@ class _ChunkTask:
 
         def run(part: list[Any]) -> Forward:
             def forward(model: nn.Module, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-                batch = {k: v.to(device) for k, v in pad_chunks(part, self.pad_id).items()}
+                batch = {k: v.to(device) for k, v in pad_chunks(part, self.pad_id, self.cfg.window.reach).items()}
                 return model.forward_chunks(batch, part)
 
             return forward
@@ -572,7 +582,7 @@ class _ChunkTask:
         from models.text_chunks import predict_chunks
 
         chunks, ys, _ = self._chunks(self.dev, None)
-        pooled, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp)
+        pooled, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp, window=self.cfg.window.reach)
         return np.array([y for row in ys for y in row]), np.concatenate(probs), np.concatenate(pooled)
 
     def distance(self, pooled: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> Any:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The fine-tuned, context-aware text stage (issue #6) and the eight meld7/iemocap6 bundles trained on it:
 # the exact commands behind docs/results.md. Each bundle carries a copy of its extractor (text_encoder/).
-# Usage: scripts/train_text_bundles.sh [finetune|bundles|conversation|all] [JOBS]   (1 CPU thread per job)
+# Usage: scripts/train_text_bundles.sh [finetune|bundles|conversation|distill|all] [JOBS]   (1 CPU thread per job)
 # "conversation" (issue 13): the conversation-mode extractor (each turn encoded once), warm-started from
 # the pair-mode one (finetune stage), and sdt-meld7-conv on it.
+# "distill" (issue 13): a conversation-mode student of the pair-mode extractor (warm-started from the
+# conversation stage's), then sdt-meld7's fusion weights rebased onto it: weights/sdt-meld7-fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${MERC_DATA:-../shared/data}
@@ -23,6 +25,13 @@ if [ "$WHAT" = conversation ] || [ "$WHAT" = all ]; then
   .venv/bin/merc train sdt --data $D/meld7 --out weights/sdt-meld7-conv --text-encoder weights/text/meld7-minilm-conv-warm \
     --device cpu --lr 5e-5 --batch-size 16 --patience 8 --epochs 40 --set model.temperature=8 --set model.dropout=0.6 \
     --quiet > logs/sdt-meld7-conv.log 2>&1
+fi
+if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then
+  .venv/bin/merc finetune-text --data $D/meld7 --out weights/text/meld7-minilm-conv-distill \
+    --init weights/text/meld7-minilm-conv-warm --distill weights/text/meld7-minilm-ctx DISTILL_ARGS \
+    --mode conversation --past 2 --chunk 4 --turn-tokens 48 --evals-per-epoch 2 --patience 3 > logs/ft-meld7-distill.log 2>&1
+  .venv/bin/merc rebase-text --bundle weights/sdt-meld7 --extractor weights/text/meld7-minilm-conv-distill \
+    --out weights/sdt-meld7-fast --data $D/meld7 > logs/sdt-meld7-fast.log 2>&1
 fi
 if [ "$WHAT" = bundles ] || [ "$WHAT" = all ]; then
   M=weights/text/meld7-minilm-ctx

@@ -131,6 +131,9 @@ def finetune_text_cmd(
     ] = "pairs",
     chunk: Annotated[int, typer.Option(help="conversation mode: output turns per chunk")] = 4,
     turn_tokens: Annotated[int, typer.Option(help="conversation mode: tokens per turn")] = 48,
+    windowed: Annotated[
+        bool, typer.Option(help="conversation mode: a turn attends only to itself and its --past turns before it")
+    ] = False,
     pooling: Annotated[str, typer.Option(help="target-mean or cls")] = "target-mean",
     adapter: Annotated[str, typer.Option(help="lora (small, over the packaged weights) or full")] = "lora",
     lora_r: Annotated[int, typer.Option()] = 16,
@@ -164,7 +167,7 @@ def finetune_text_cmd(
 
     try:
         cfg = FineTuneConfig(
-            window=window_from_options(past, future, speaker, max_length, mode, chunk, turn_tokens),
+            window=window_from_options(past, future, speaker, max_length, mode, chunk, turn_tokens, windowed),
             pooling=pooling,
             adapter=adapter,
             lora_r=lora_r,
@@ -188,6 +191,32 @@ def finetune_text_cmd(
     except (DataError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"extractor": str(out), "best_dev": meta["best_dev"], "sha256": meta["sha256"]}))
+
+
+@app.command("rebase-text")
+def rebase_text_cmd(
+    bundle: Annotated[Path, typer.Option(help="a bundle whose text encoder is a fine-tuned extractor")],
+    extractor: Annotated[Path, typer.Option(help="an extractor distilled from it (merc finetune-text --distill)")],
+    out: Annotated[Path, typer.Option(help="the new bundle folder")],
+    data: Annotated[Path, typer.Option(help="the dataset folder (its dev.jsonl measures the new bundle)")],
+) -> None:
+    """A copy of BUNDLE that reads the distilled EXTRACTOR's vectors (e.g. the faster conversation mode)."""
+    from service.offline.training import rebase_text_bundle
+
+    try:
+        manifest = rebase_text_bundle(bundle, extractor, out, data, "merc " + shlex.join(sys.argv[1:]))
+    except (DataError, ValueError, OSError) as e:
+        _fail(str(e))
+    before = manifest["rebased"]["teacher_dev_metrics"] or {}
+    typer.echo(
+        json.dumps(
+            {
+                "bundle": str(out),
+                "dev_weighted_f1": manifest["dev_metrics"]["weighted_f1"],
+                "teacher_dev_weighted_f1": before.get("weighted_f1"),
+            }
+        )
+    )
 
 
 @app.command("oof-text-features")

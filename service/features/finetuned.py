@@ -310,8 +310,8 @@ class FinetunedTextEncoder:
 
         pad = self._tokenizer.pad_token_id or 0
         if not self.kv_cache.budget or not supports_kv(self._model.encoder):
-            return predict_chunks(self._model, pad, chunks, self.device)[0]
-        tails: dict[int, tuple[Any, Any]] = {}  # chunk -> (its new tokens, the cached keys/values before them)
+            return predict_chunks(self._model, pad, chunks, self.device, window=self.window.reach)[0]
+        tails: dict[int, tuple[Any, Any, list[int]]] = {}  # chunk -> (new tokens, cached keys/values, their turns)
         for j, c in enumerate(chunks):
             w = c.outputs[0][0]
             if w == c.start:  # nothing before its first output in its input but [CLS]
@@ -320,15 +320,16 @@ class FinetunedTextEncoder:
             cut = c.turn_ids.index(w - c.start)
             if past is not None and past[0][0].shape[1] == cut:
                 tail = replace(c, input_ids=c.input_ids[cut:], turn_ids=c.turn_ids[cut:], pool=c.pool[cut:])
-                tails[j] = (tail, past)
+                tails[j] = (tail, past, c.turn_ids[:cut])
         out: list[Any] = [None] * len(chunks)
         kvs: list[Any] = [None] * len(chunks)
         if tails:  # the next chunks' first tokens ride along (one row each)
             nexts = {j: self._next_prefix(chunks[j]) for j in tails if self._closes(chunks[j], turns[j])}
-            rows = [t for t, _ in tails.values()] + list(nexts.values())
+            rows = [t for t, _, _ in tails.values()] + list(nexts.values())
             empty = [(k[:, :0], v[:, :0]) for k, v in next(iter(tails.values()))[1]]
-            pasts = [p for _, p in tails.values()] + [empty] * len(nexts)
-            pooled, kv = extend_chunks(self._model, rows, pasts, self.device)
+            pasts = [p for _, p, _ in tails.values()] + [empty] * len(nexts)
+            turn_ids = [t for _, _, t in tails.values()] + [[]] * len(nexts)
+            pooled, kv = extend_chunks(self._model, rows, pasts, self.device, self.window.reach, turn_ids)
             for j, vec, k in zip(tails, pooled, kv, strict=False):
                 out[j], kvs[j] = vec, k
             for (j, prefix), k in zip(nexts.items(), kv[len(tails) :], strict=True):
@@ -336,7 +337,8 @@ class FinetunedTextEncoder:
         rest = [j for j in range(len(chunks)) if j not in tails]
         if rest:
             keep = [self._open_chunk(chunks[j], turns[j]) for j in rest]
-            pooled, kv = predict_chunks_kv(self._model, pad, [chunks[j] for j in rest], self.device, keep)
+            part = [chunks[j] for j in rest]
+            pooled, kv = predict_chunks_kv(self._model, pad, part, self.device, keep, window=self.window.reach)
             for j, vec, k in zip(rest, pooled, kv, strict=True):
                 out[j], kvs[j] = vec, k
         for j, c in enumerate(chunks):

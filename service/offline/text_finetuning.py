@@ -169,11 +169,14 @@ def window_from_options(
     mode: str = "pairs",
     chunk: int = 4,
     turn_tokens: int = 48,
+    windowed: bool = False,
 ) -> ContextWindow:
     """The context window of the command-line options (validated)."""
     if past < 0 or future < 0 or max_length < 8:
         raise ValueError("--past/--future must be >= 0 and --max-length >= 8")
-    return ContextWindow(past, future, speaker, max_length, mode, chunk, turn_tokens)
+    if windowed and mode != "conversation":
+        raise ValueError("--windowed is an option of --mode conversation")
+    return ContextWindow(past, future, speaker, max_length, mode, chunk, turn_tokens, windowed)
 
 
 def is_finetune_option(text_encoder: str | None) -> bool:

@@ -196,3 +196,66 @@ def train_bundle(
     plot_training_curve(result.history, out_dir / "training_curve.png")
     (out_dir / "dev_metrics.json").write_text(json.dumps(result.dev, indent=2) + "\n")
     return manifest
+
+
+def rebase_text_bundle(bundle_dir: Path, extractor: Path, out_dir: Path, data_dir: Path, command: str = "") -> dict:
+    """A copy of ``bundle_dir`` whose fusion model reads ``extractor``'s vectors instead of its own encoder's.
+
+    ``extractor`` must have been distilled from the bundle's text encoder (``merc finetune-text --distill``;
+    its finetune.json names the teacher's hash): it stands in for the teacher, so the fusion weights,
+    trained on the teacher's vectors, are kept as they are. The new bundle's dev metrics are measured
+    with the student (``data_dir``/dev.jsonl); the manifest keeps the original's under ``rebased``.
+    """
+    import shutil
+
+    from models.bundle import read_manifest
+    from service.features.finetuned import spec_entry
+    from service.offline.evaluation import evaluate_bundle
+
+    manifest = read_manifest(bundle_dir)
+    old = manifest.get("feature_spec", {}).get("text") or {}
+    meta = json.loads((Path(extractor) / "finetune.json").read_text())
+    teacher = meta.get("distill_sha256")
+    if not teacher or teacher != old.get("adapter_sha256"):
+        raise ValueError(
+            f"{extractor} was not distilled from {bundle_dir}'s text encoder (its teacher: {teacher or 'none'}, "
+            f"the bundle's encoder: {old.get('adapter_sha256', 'not a fine-tuned one')})"
+        )
+    if Path(out_dir).resolve() == Path(bundle_dir).resolve():
+        raise ValueError("--out must differ from --bundle")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(bundle_dir, out_dir, ignore=shutil.ignore_patterns("text_encoder", "dev_metrics.json"))
+    shutil.copytree(extractor, out_dir / "text_encoder", ignore=shutil.ignore_patterns("README.md", "oof"))
+    rebased = {
+        "from_bundle": manifest.get("name", Path(bundle_dir).name),
+        "teacher_text": old,
+        "teacher_dev_metrics": manifest.get("dev_metrics"),
+        "extractor_command": meta.get("command"),
+        "extractor_best_dev": meta.get("best_dev"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(),
+        "command": command or " ".join(sys.argv),
+    }
+    manifest.update(name=out_dir.name, rebased=rebased)
+    manifest["feature_spec"] = {
+        **manifest["feature_spec"],
+        "text": spec_entry(out_dir / "text_encoder", Path(extractor).name, relative_to=out_dir),
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    metrics = evaluate_bundle(out_dir, Path(data_dir) / "dev.jsonl", out_dir / "dev_report", progress=False)
+    keys = (
+        "accuracy",
+        "weighted_f1",
+        "macro_f1",
+        "uar",
+        "per_class_f1",
+        "per_class_recall",
+        "support",
+        "confusion_matrix",
+    )
+    manifest["dev_metrics"] = {k: metrics[k] for k in keys if k in metrics}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / "dev_metrics.json").write_text(json.dumps(manifest["dev_metrics"], indent=2) + "\n")
+    shutil.rmtree(out_dir / "dev_report")
+    return manifest

@@ -66,6 +66,14 @@ def test_chunks_bounds_masks_and_random_alignment() -> None:
     assert mask.shape == (len(turn), len(turn))
     assert bool(((turn[None, :] <= turn[:, None]) == mask.bool()).all())  # never a later turn
     assert mask[:, 0].all()  # [CLS] visible to all
+    windowed = pad_chunks(chunks, pad_id=0, window=1)["attention_mask"][2].bool()  # a turn + the one before
+    assert bool(
+        (
+            windowed
+            == ((turn[None, :] <= turn[:, None]) & (turn[None, :] >= turn[:, None] - 1)) | (turn[None, :] == -1)
+        ).all()
+    )
+    assert not windowed[-1, 1] and windowed[-1, 5] and windowed[-1, 0]  # turn 2 sees turn 1, not turn 0
     only = chunk_conversation(tokens, 101, 102, past=2, chunk=2, need=[False, False, True, False, False])
     assert len(only) == 1 and only[0].outputs == [(2, 2)] and only[0].turn_ids[-1] == 2  # stops after turn 2
     labels = [[0, -1, 1, 2, 0]]

@@ -245,7 +245,22 @@ def test_conversation_mode_is_turn_causal_and_appends_match(conv_extractor) -> N
     assert not np.allclose(whole[1], whole[3], atol=1e-3)  # the same line in another context differs
 
 
-def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=[False, True], ids=["turn-causal", "windowed"])
+def conv_folder(request: pytest.FixtureRequest, conv_extractor, tmp_path: Path) -> tuple[Path, Path]:
+    """The conversation-mode extractor as trained, and a copy whose turns attend to their ``past`` turns
+    only (``ContextWindow.windowed``: a different mask over the same weights)."""
+    data, folder = conv_extractor
+    if not request.param:
+        return data, folder
+    copy = tmp_path / "windowed"
+    shutil.copytree(folder, copy)
+    meta = json.loads((copy / "finetune.json").read_text())
+    meta["config"]["window"]["windowed"] = True
+    (copy / "finetune.json").write_text(json.dumps(meta))
+    return data, copy
+
+
+def test_conversation_mode_appends_reuse_the_open_chunk(conv_folder, monkeypatch: pytest.MonkeyPatch) -> None:
     """A chat turn by turn: an append into an open chunk encodes its new turn only, after the cached keys
     and values of the chunk's earlier tokens, and equals transformers' forward on the whole conversation."""
     import torch
@@ -253,7 +268,7 @@ def test_conversation_mode_appends_reuse_the_open_chunk(conv_extractor, monkeypa
     from models.data import Conversation
     from service.features.finetuned import ChunkKVCache, FinetunedTextEncoder, spec_entry
 
-    data, folder = conv_extractor
+    data, folder = conv_folder
     entry = spec_entry(folder, "tiny-conv")
     conv = read_jsonl(data / "dev.jsonl")[0]
     monkeypatch.setenv("MERC_TEXT_KV_CACHE_MB", "0")  # off: transformers' own forward (forward_chunks)
@@ -331,10 +346,13 @@ def test_out_of_fold_features_in_conversation_mode(conv_extractor, tmp_path: Pat
     assert all(stored[c.id].shape == (6, 384) and np.isfinite(stored[c.id]).all() for c in convs)
 
 
-def test_distilled_conversation_mode_approaches_its_teacher(extractor, conv_extractor, tmp_path: Path) -> None:
+def test_distilled_conversation_mode_approaches_its_teacher(
+    extractor, conv_extractor, bundle: Path, tmp_path: Path
+) -> None:
     """A conversation-mode student distilled from the pair-mode extractor: its vectors move towards the
-    teacher's (standardised error on dev falls from the warm start's), selection is on that error, and
-    the teacher is named by hash."""
+    teacher's (standardised error on dev falls from the warm start's), selection is on that error, the
+    teacher is named by hash; `merc rebase-text` serves the teacher's fusion model on the student, and
+    refuses an extractor that was not distilled from the bundle's encoder."""
     from service.features.finetuned import FinetunedTextEncoder, extractor_hash, spec_entry
     from service.offline.text_finetuning import finetune_text, teacher_vectors
 
@@ -377,3 +395,18 @@ def test_distilled_conversation_mode_approaches_its_teacher(extractor, conv_extr
             device="cpu",
             progress=False,
         )
+    from service.inference.pipeline import run_conversation
+    from service.inference.predictor import Predictor
+    from service.offline.training import rebase_text_bundle
+
+    out = tmp_path / "weights" / "sdt-tiny3-fast"
+    manifest = rebase_text_bundle(bundle, tmp_path / "student", out, data)
+    entry = manifest["feature_spec"]["text"]
+    assert entry["context"]["mode"] == "conversation" and entry["adapter"] == "text_encoder"
+    assert entry["adapter_sha256"] == extractor_hash(tmp_path / "student")
+    assert manifest["rebased"]["teacher_text"]["adapter_sha256"] == extractor_hash(teacher)
+    assert json.loads((out / "dev_metrics.json").read_text())["weighted_f1"] == manifest["dev_metrics"]["weighted_f1"]
+    result = run_conversation(Predictor(out, "cpu"), dev[0], None, "cpu")
+    assert [u["emotion"] for u in result["utterances"]] == [u.label for u in dev[0].utterances]
+    with pytest.raises(ValueError, match="not distilled from"):
+        rebase_text_bundle(bundle, conv_extractor[1], tmp_path / "other", data)
