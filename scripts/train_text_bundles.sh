@@ -4,8 +4,8 @@
 # Usage: scripts/train_text_bundles.sh [finetune|bundles|conversation|distill|all] [JOBS]   (1 CPU thread per job)
 # "conversation" (issue 13): the conversation-mode extractor (each turn encoded once), warm-started from
 # the pair-mode one (finetune stage), and sdt-meld7-conv on it.
-# "distill" (issue 13): a conversation-mode student of the pair-mode extractor (warm-started from the
-# conversation stage's), then sdt-meld7's fusion weights rebased onto it: weights/sdt-meld7-fast.
+# "distill" (issue 13): a windowed conversation-mode student distilled from the pair-mode extractor
+# (warm-started from the conversation stage's), and the default bundle sdt-meld7-fast trained on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D=${MERC_DATA:-../shared/data}
@@ -26,13 +26,6 @@ if [ "$WHAT" = conversation ] || [ "$WHAT" = all ]; then
     --device cpu --lr 5e-5 --batch-size 16 --patience 8 --epochs 40 --set model.temperature=8 --set model.dropout=0.6 \
     --quiet > logs/sdt-meld7-conv.log 2>&1
 fi
-if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then
-  .venv/bin/merc finetune-text --data $D/meld7 --out weights/text/meld7-minilm-conv-distill \
-    --init weights/text/meld7-minilm-conv-warm --distill weights/text/meld7-minilm-ctx DISTILL_ARGS \
-    --mode conversation --past 2 --chunk 4 --turn-tokens 48 --evals-per-epoch 2 --patience 3 > logs/ft-meld7-distill.log 2>&1
-  .venv/bin/merc rebase-text --bundle weights/sdt-meld7 --extractor weights/text/meld7-minilm-conv-distill \
-    --out weights/sdt-meld7-fast --data $D/meld7 > logs/sdt-meld7-fast.log 2>&1
-fi
 if [ "$WHAT" = bundles ] || [ "$WHAT" = all ]; then
   M=weights/text/meld7-minilm-ctx
   I=weights/text/iemocap6-minilm-ctx
@@ -46,4 +39,12 @@ if [ "$WHAT" = bundles ] || [ "$WHAT" = all ]; then
 .venv/bin/merc train dmd --data $D/iemocap6 --out weights/dmd-iemocap6 --text-encoder $I --device cpu --patience 20 --quiet > logs/dmd-iemocap6.log 2>&1
 .venv/bin/merc train iteach --data $D/iemocap6 --out weights/iteach-iemocap6 --text-encoder $I --device cpu --patience 25 --quiet > logs/iteach-iemocap6.log 2>&1
 EOC
+fi
+if [ "$WHAT" = distill ] || [ "$WHAT" = all ]; then
+  .venv/bin/merc finetune-text --data $D/meld7 --out weights/text/meld7-minilm-conv-distill \
+    --init weights/text/meld7-minilm-conv-warm --distill weights/text/meld7-minilm-ctx --distill-weight 20 \
+    --mode conversation --windowed --past 2 --chunk 4 --turn-tokens 48 --epochs 4 --lr 5e-4 --head-lr 1e-3 \
+    --evals-per-epoch 2 --patience 4 > logs/ft-meld7-distill.log 2>&1
+  .venv/bin/merc train sdt --data $D/meld7 --out weights/sdt-meld7-fast --text-encoder weights/text/meld7-minilm-conv-distill \
+    --device cpu --lr 1e-4 --batch-size 16 --patience 8 --epochs 40 --set model.temperature=8 --quiet > logs/sdt-meld7-fast.log 2>&1
 fi

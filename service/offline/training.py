@@ -223,7 +223,10 @@ def rebase_text_bundle(bundle_dir: Path, extractor: Path, out_dir: Path, data_di
         )
     if Path(out_dir).resolve() == Path(bundle_dir).resolve():
         raise ValueError("--out must differ from --bundle")
-    if out_dir.exists():
+    if out_dir.exists():  # only an earlier rebase is replaced: never another bundle or folder
+        previous = out_dir / "manifest.json"
+        if not previous.is_file() or "rebased" not in json.loads(previous.read_text()):
+            raise ValueError(f"--out {out_dir} exists and is not a bundle written by merc rebase-text")
         shutil.rmtree(out_dir)
     shutil.copytree(bundle_dir, out_dir, ignore=shutil.ignore_patterns("text_encoder", "dev_metrics.json"))
     shutil.copytree(extractor, out_dir / "text_encoder", ignore=shutil.ignore_patterns("README.md", "oof"))
@@ -244,17 +247,8 @@ def rebase_text_bundle(bundle_dir: Path, extractor: Path, out_dir: Path, data_di
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     metrics = evaluate_bundle(out_dir, Path(data_dir) / "dev.jsonl", out_dir / "dev_report", progress=False)
-    keys = (
-        "accuracy",
-        "weighted_f1",
-        "macro_f1",
-        "uar",
-        "per_class_f1",
-        "per_class_recall",
-        "support",
-        "confusion_matrix",
-    )
-    manifest["dev_metrics"] = {k: metrics[k] for k in keys if k in metrics}
+    meta_keys = ("bundle", "architecture", "data", "dropped_modalities")
+    manifest["dev_metrics"] = {k: v for k, v in metrics.items() if k not in meta_keys}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out_dir / "dev_metrics.json").write_text(json.dumps(manifest["dev_metrics"], indent=2) + "\n")
     shutil.rmtree(out_dir / "dev_report")

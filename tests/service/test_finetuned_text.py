@@ -410,3 +410,7 @@ def test_distilled_conversation_mode_approaches_its_teacher(
     assert [u["emotion"] for u in result["utterances"]] == [u.label for u in dev[0].utterances]
     with pytest.raises(ValueError, match="not distilled from"):
         rebase_text_bundle(bundle, conv_extractor[1], tmp_path / "other", data)
+    rebase_text_bundle(bundle, tmp_path / "student", out, data)  # an earlier rebase is replaced
+    with pytest.raises(ValueError, match="not a bundle written by merc rebase-text"):
+        rebase_text_bundle(bundle, tmp_path / "student", tmp_path / "student", data)  # never anything else
+    assert (tmp_path / "student" / "finetune.json").is_file()
