@@ -12,8 +12,8 @@ Prints, in one run:
 * (b) the same 20 turns through the plain MiniLM-L6 encoder (no context, no speaker), for reference.
 * (c) the dev weighted F1 of the bundle with fp32 and int8 text features (``merc evaluate`` in a
   subprocess each; skipped with ``--no-accuracy`` or without ../shared/data/<dataset>/dev.jsonl); for
-  a bundle whose fusion weights were rebased onto a distilled text encoder (``merc rebase-text``), also
-  the original bundle's (its teacher encoder: the accuracy without that speed-up).
+  a bundle whose text encoder was distilled from another bundle's (``merc finetune-text --distill``,
+  ``merc rebase-text``), also that bundle's: the accuracy without the speed-up.
 * (e) where the milliseconds of a small input go: the MiniLM encoder's forward by input length (12 to
   100 tokens, 1 thread), a 12-token turn appended after 40 cached tokens
   (``models.text_chunks.forward_kv``), a write of one vector to the SQLite embedding cache, and 16
@@ -202,11 +202,27 @@ def dev_accuracy(bundle: str, int8: bool) -> float | None:
     return wf1
 
 
-def rebased_from(bundle: str) -> str | None:
-    """The bundle whose fusion weights ``bundle`` reuses over a distilled text encoder (merc rebase-text)."""
+def teacher_bundle(bundle: str) -> str | None:
+    """The bundle ``bundle`` stands in for with a distilled text encoder: the one it was rebased from
+    (``merc rebase-text``), or the bundle of the same architecture and dataset whose text encoder is the
+    teacher of ``bundle``'s (``merc finetune-text --distill``): the accuracy without that speed-up."""
     bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
-    name = (json.loads((bundle_dir / "manifest.json").read_text()).get("rebased") or {}).get("from_bundle")
-    return name if name and (ROOT / "weights" / name).is_dir() else None
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    name = (manifest.get("rebased") or {}).get("from_bundle")
+    if name:
+        return name if (ROOT / "weights" / name).is_dir() else None
+    text = manifest.get("feature_spec", {}).get("text") or {}
+    meta = bundle_dir / str(text.get("adapter", "")) / "finetune.json"
+    teacher = json.loads(meta.read_text()).get("distill_sha256") if text.get("adapter") and meta.is_file() else None
+    for other in sorted((ROOT / "weights").glob("*/manifest.json")) if teacher else []:
+        m = json.loads(other.read_text())
+        same = (m.get("architecture"), m.get("dataset", {}).get("name")) == (
+            manifest.get("architecture"),
+            manifest.get("dataset", {}).get("name"),
+        )
+        if same and (m.get("feature_spec", {}).get("text") or {}).get("adapter_sha256") == teacher:
+            return other.parent.name
+    return None
 
 
 def main() -> None:
@@ -235,7 +251,7 @@ def main() -> None:
         f32, i8 = report["dev_weighted_f1"].values()
         if f32 is not None and i8 is not None:
             print(f"int8 drift: {i8 - f32:+.2f} w-F1 points (the issue allows -0.30)")
-        teacher = rebased_from(bundle)
+        teacher = teacher_bundle(bundle)
         if teacher and f32 is not None:  # the same fusion weights on the encoder the student replaces
             slow = report["dev_weighted_f1"]["teacher_fp32"] = dev_accuracy(teacher, False)
             if slow is not None:

@@ -355,7 +355,7 @@ def predict(
         Path | None,
         typer.Option(help="JSON conversation (utterances with start/end); omitted: speech recognition makes one"),
     ] = None,
-    bundle: Annotated[str, typer.Option(help="bundle name in weights/ or a bundle folder")] = "sdt-meld7",
+    bundle: Annotated[str, typer.Option(help="bundle name in weights/ or a bundle folder")] = "sdt-meld7-fast",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """Predict one local conversation; per-utterance distributions as JSON on stdout.

@@ -416,6 +416,8 @@ def text_context(entry: dict[str, Any] | None, future_known: bool = True) -> dic
     out = {"encoder": entry["extractor"], "past": past, "future": future, "speaker": speaker}
     if window.get("mode") == "conversation":  # each turn sees past .. past + chunk - 1 earlier turns
         out.update(mode="conversation", chunk=int(window["chunk"]))
+        if window.get("windowed"):  # ... and attends to its past turns only
+            out["windowed"] = True
     return out
 
 
