@@ -13,7 +13,7 @@ import pytest
 from tests.browser.conftest import MEDIA, ROOT, Server
 
 pytestmark = pytest.mark.slow
-LABELS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]  # sdt-meld7, the default
+LABELS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]  # sdt-meld7 and the default
 MODEL = "sdt-meld7"
 
 
