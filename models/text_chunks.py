@@ -15,6 +15,11 @@ previous turns, up to ``past + chunk - 1``, and a conversation costs about (1 + 
 its tokens: 1.5x for past 2, chunk 4, against 3x for pairs. Pooling: the mean over the turn's own
 tokens ([SEP] excluded) of the last layer.
 
+``ContextWindow.windowed`` narrows the mask further: a token attends to its own turn and the ``past``
+turns before it only (and [CLS]), the view the pair encoder gives its target, at every chunk position
+(earlier turns still reach it indirectly, through the layers). The default text encoder is such a
+model distilled from the pair encoder (``merc finetune-text --distill``, docs/results.md).
+
 Deviation from the pair encoder, on purpose: context tokens do not attend to the target (they are
 encoded once for every target that reads them). The model must therefore be fine-tuned in this mode;
 training uses the same chunks with a random chunk alignment per conversation and epoch (every turn
