@@ -319,14 +319,15 @@ def extend_chunks(
     new: Sequence[Chunk],
     pasts: Sequence[KV],
     device: str,
+    past_turns: Sequence[Sequence[int]],
     window: int | None = None,
-    past_turns: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """Encode each ``new[j]`` (the appended turns of a chunk: their tokens only, local turn ids after the
     past ones) after ``pasts[j]`` (that chunk's earlier tokens' keys/values, (heads, P_j, head_dim) per
-    layer). Returns per chunk its pooled outputs (k, H) and the keys/values of the whole chunk (P_j + its
-    tokens). Every new token attends to every past token of its chunk (all of an earlier turn, or [CLS]);
-    with ``window`` only to those :func:`turn_mask` allows, by ``past_turns[j]`` (the P_j turn ids).
+    layer; ``past_turns[j]``: their P_j local turn ids). Returns per chunk its pooled outputs (k, H) and the
+    keys/values of the whole chunk (P_j + its tokens). A new token attends to the past tokens
+    :func:`turn_mask` allows: every one of its chunk (all of an earlier turn, or [CLS]), or with
+    ``window`` those of its ``window`` previous turns and [CLS].
 
     Rows are batched by length, shortest first: a row joins the current batch unless that adds more than
     :data:`PASS_TOKENS` padded tokens (then another pass over the weights is cheaper)."""
@@ -343,8 +344,8 @@ def extend_chunks(
     pooled: list[np.ndarray] = [np.zeros((0, model.head.in_features), np.float32)] * len(new)
     kvs: list[KV] = [[] for _ in new]
     for g in groups:
-        turns = [past_turns[j] for j in g] if past_turns is not None else None
-        vecs, kv = _extend_batch(model, [new[j] for j in g], [pasts[j] for j in g], device, window, turns)
+        turns = [past_turns[j] for j in g]
+        vecs, kv = _extend_batch(model, [new[j] for j in g], [pasts[j] for j in g], device, turns, window)
         for j, v, k in zip(g, vecs, kv, strict=True):
             pooled[j], kvs[j] = v, k
     return pooled, kvs
@@ -355,12 +356,10 @@ def _extend_batch(
     new: Sequence[Chunk],
     pasts: Sequence[KV],
     device: str,
+    past_turns: Sequence[Sequence[int]],
     window: int | None = None,
-    past_turns: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[np.ndarray], list[KV]]:
     """:func:`extend_chunks` for one padded batch."""
-    if window is not None and past_turns is None:
-        raise ValueError("a windowed extension needs the turn ids of the cached tokens (past_turns)")
     batch = {k: v.to(device) for k, v in pad_chunks(new, 0, window).items()}
     sizes = [p[0][0].shape[1] for p in pasts]
     width, n = max(sizes), batch["input_ids"].shape[1]
@@ -374,11 +373,8 @@ def _extend_batch(
             keys[j, :, : sizes[j]], values[j, :, : sizes[j]] = p[layer]
         padded.append((keys, values))
     for j, size in enumerate(sizes):
-        if window is None:
-            allowed[j, :, :size] = True
-        elif size:
-            key = torch.tensor(list(past_turns[j]), device=device)
-            allowed[j, :, :size] = turn_mask(batch["turn_ids"][j], key, window)
+        key = torch.tensor(list(past_turns[j]), dtype=torch.long, device=device)  # (size,)
+        allowed[j, :, :size] = turn_mask(batch["turn_ids"][j], key, window)
     allowed = torch.cat([allowed, batch["attention_mask"].bool()], 2)
     offsets = torch.tensor(sizes, device=device)
     hidden, kv = forward_kv(model.encoder, batch["input_ids"], allowed, padded, offsets)

@@ -585,13 +585,10 @@ class _ChunkTask:
         pooled, probs = predict_chunks(model, self.pad_id, chunks, device, amp=amp, window=self.cfg.window.reach)
         return np.array([y for row in ys for y in row]), np.concatenate(probs), np.concatenate(pooled)
 
-    def distance(self, pooled: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> Any:
+    def distance(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean squared error in the teacher's standardised units (what a fusion model normalising its
         inputs with train statistics sees): (N, H), (N, H) -> scalar."""
-        scale = self.scale if isinstance(pooled, torch.Tensor) else self.scale.numpy()
-        if isinstance(pooled, torch.Tensor):
-            scale = scale.to(pooled.device)
-        return (((pooled - targets) * scale) ** 2).mean()
+        return (((pooled - targets) * self.scale.to(pooled.device)) ** 2).mean()
 
 
 def finetune_text_encoder(
@@ -688,7 +685,8 @@ def finetune_text_encoder(
                 }
                 score = m["weighted_f1"]
                 if task.dev_targets is not None:
-                    rec["dev_distill_mse"] = round(float(task.distance(vectors, task.dev_targets)), 5)
+                    error = task.distance(torch.from_numpy(vectors), torch.from_numpy(task.dev_targets))
+                    rec["dev_distill_mse"] = round(float(error), 5)
                     score = -rec["dev_distill_mse"]
                 rec["dev_selection"] = score
                 history.append(rec)

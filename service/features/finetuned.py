@@ -329,7 +329,7 @@ class FinetunedTextEncoder:
             empty = [(k[:, :0], v[:, :0]) for k, v in next(iter(tails.values()))[1]]
             pasts = [p for _, p, _ in tails.values()] + [empty] * len(nexts)
             turn_ids = [t for _, _, t in tails.values()] + [[]] * len(nexts)
-            pooled, kv = extend_chunks(self._model, rows, pasts, self.device, self.window.reach, turn_ids)
+            pooled, kv = extend_chunks(self._model, rows, pasts, self.device, turn_ids, self.window.reach)
             for j, vec, k in zip(tails, pooled, kv, strict=False):
                 out[j], kvs[j] = vec, k
             for (j, prefix), k in zip(nexts.items(), kv[len(tails) :], strict=True):

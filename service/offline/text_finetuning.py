@@ -71,14 +71,7 @@ def teacher_vectors(teacher: str | Path, splits, device: str) -> tuple[list[np.n
     out = []
     for convs in splits:
         rows = encoder.conversation_vectors(convs, future_known=False)
-        out.append(
-            [
-                np.stack([v for v in r if v is not None])
-                if any(v is not None for v in r)
-                else np.zeros((0, encoder.dim), np.float32)
-                for r in rows
-            ]
-        )
+        out.append([np.array([v for v in r if v is not None], np.float32).reshape(-1, encoder.dim) for r in rows])
     return tuple(out)
 
 
