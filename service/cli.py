@@ -30,7 +30,13 @@ def _csv(value: str | None) -> list[str] | None:
 @app.command()
 def train(
     arch: Annotated[str, typer.Argument(help="sdt, summer, dmd or iteach")],
-    data: Annotated[Path, typer.Option(help="dataset folder: dataset.json, train.jsonl, dev.jsonl")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            help="dataset folder: dataset.json, train.jsonl, dev.jsonl; repeat to train on several at once "
+            "(the first one's labels; see --label-map, --data-modalities)"
+        ),
+    ],
     out: Annotated[Path | None, typer.Option(help="bundle folder [weights/ARCH-DATASET]")] = None,
     modalities: Annotated[str | None, typer.Option(help="e.g. text,audio,visual [inline ones, else text]")] = None,
     text_encoder: Annotated[
@@ -59,9 +65,18 @@ def train(
     norm_shrink: Annotated[
         float, typer.Option(help="speaker-norm: pseudo-utterances of training statistics (few-utterance speakers)")
     ] = 4.0,
+    label_map: Annotated[
+        str | None,
+        typer.Option(help="OLD=NEW,...: other datasets' labels onto the first one's; OLD= drops a label"),
+    ] = None,
+    data_modalities: Annotated[
+        list[str] | None,
+        typer.Option(help="DATASET=MODALITY[,MODALITY]: only these of that dataset, e.g. ravdess8=audio (repeatable)"),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Train an architecture on a dataset folder and write a bundle."""
+    """Train an architecture on one or several dataset folders and write a bundle."""
+    from service.offline.multi_data import parse_data_modalities, parse_label_map
     from service.offline.training import load_yaml_config, parse_overrides, train_bundle
 
     try:
@@ -71,7 +86,7 @@ def train(
         flags = dict(seed=seed, device=device, missing=missing, epochs=epochs, lr=lr, batch_size=batch_size)
         flags["patience"] = patience
         conf["train"].update({k: v for k, v in flags.items() if v is not None})
-        out = out or Path("weights") / f"{arch}-{data.name}"
+        out = out or Path("weights") / f"{arch}-{data[0].name}"
         manifest = train_bundle(
             arch,
             data,
@@ -86,6 +101,8 @@ def train(
             speaker_norm=_csv(speaker_norm),
             norm_shrink=norm_shrink,
             finetune_overrides=conf["finetune"],
+            label_map=parse_label_map(label_map),
+            data_modalities=parse_data_modalities(data_modalities),
         )
     except (DataError, BundleError, ValueError, OSError) as e:
         _fail(str(e))
@@ -101,16 +118,21 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     seed: Annotated[int, typer.Option(help="seed of the missing-modality masks")] = 0,
     drop: Annotated[str | None, typer.Option(help="modalities removed from every utterance, e.g. text")] = None,
+    label_map: Annotated[
+        str | None, typer.Option(help="OLD=NEW,...: the file's labels onto the bundle's; OLD= leaves them out")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Evaluate a bundle on a labelled file; the metrics JSON is the last line of stdout."""
     from service.offline.evaluation import evaluate_bundle
+    from service.offline.multi_data import parse_label_map
 
     try:
         rates = [float(r) for r in _csv(missing_rates) or []]
         if any(not 0.0 <= r < 1.0 for r in rates):
             raise ValueError("--missing-rates: each rate must be in [0, 1)")
-        metrics = evaluate_bundle(bundle, data, out, rates, device, seed, not quiet, _csv(drop) or [])
+        mapping = parse_label_map(label_map)
+        metrics = evaluate_bundle(bundle, data, out, rates, device, seed, not quiet, _csv(drop) or [], mapping)
     except (DataError, BundleError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(f"report: {out / 'report.md'}")

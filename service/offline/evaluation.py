@@ -14,6 +14,7 @@ from models.report import write_report
 from models.train import resolve_device, score
 from service.features.datasets import encode_dataset
 from service.features.speaker_norm import bundle_normalisers
+from service.offline.multi_data import map_labels
 from service.offline.training import encode_normalised
 
 
@@ -26,11 +27,13 @@ def evaluate_bundle(
     seed: int = 0,
     progress: bool = True,
     drop: Sequence[str] = (),
+    label_map: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Score a bundle on a labelled file; write metrics.json and report.md into ``out_dir``.
 
     ``drop`` removes modalities from every utterance (e.g. to see what audio and visual
-    alone carry in a trimodal model)."""
+    alone carry in a trimodal model); ``label_map`` renames the file's labels onto the bundle's
+    (None: left unlabelled), as ``merc train --label-map`` does."""
     dev = resolve_device(device)
     model, manifest = load_bundle(bundle_dir, dev)
     unknown = set(drop) - set(model.modalities)
@@ -38,6 +41,8 @@ def evaluate_bundle(
         raise ValueError(f"--drop: the bundle has no modality {sorted(unknown)}; it uses {list(model.modalities)}")
     labels = manifest["labels"]
     convs = read_jsonl(data_file)
+    if label_map:
+        map_labels(convs, label_map, labels, str(data_file))
     from service.features.finetuned import absolute_spec
 
     spec = absolute_spec(manifest["feature_spec"], bundle_dir)

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,13 @@ from models.data import (
     EncodedConversation,
     encode_conversation,
     file_sha256,
-    read_dataset_info,
-    read_jsonl,
 )
 from models.registry import make_config, model_class
 from models.report import plot_training_curve
-from models.train import TrainConfig, fit, train_defaults
+from models.train import TrainConfig, fit, resolve_device, score, train_defaults
 from service.features.datasets import conversation_features, dataset_feature_spec, encode_dataset
 from service.features.speaker_norm import NORM_FILE, SpeakerNormaliser, speaker_normalised
+from service.offline.multi_data import TrainingData, load_training_data
 from service.offline.text_finetuning import is_finetune_option, prepare_finetuned_text
 
 
@@ -114,9 +114,31 @@ def fit_normalisers(
     return norms
 
 
+def sources_summary(data: TrainingData) -> dict[str, Any]:
+    """The manifest's record of several training folders (nothing for one folder without options)."""
+    if len(data.sources) == 1 and not data.label_map and data.sources[0].modalities is None:
+        return {}
+    return {"sources": [s.summary() for s in data.sources], "label_map": data.label_map}
+
+
+def dev_by_dataset(
+    model: torch.nn.Module, dev: list[EncodedConversation], data: TrainingData, labels: list[str], device: str
+) -> dict[str, Any]:
+    """{"dev_metrics_by_dataset": name -> metrics of the trained model on that dataset's dev part} for
+    several folders (each with its own modalities, e.g. audio alone for speech sessions); {} for one."""
+    if len(data.sources) == 1:
+        return {}
+    out = {}
+    for name, part in data.dev_slices().items():
+        convs = dev[part]
+        if any((c.labels >= 0).any() for c in convs):
+            out[name] = score(model, convs, labels, resolve_device(device))
+    return {"dev_metrics_by_dataset": out}
+
+
 def train_bundle(
     arch: str,
-    data_dir: Path,
+    data_dir: Path | Sequence[Path],
     out_dir: Path,
     modalities: list[str] | None = None,
     text_encoder: str | None = None,
@@ -128,14 +150,21 @@ def train_bundle(
     speaker_norm: list[str] | None = None,
     norm_shrink: float = 4.0,
     finetune_overrides: dict[str, Any] | None = None,
+    label_map: dict[str, str | None] | None = None,
+    data_modalities: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Train ``arch`` on ``data_dir`` (dataset.json, train.jsonl, dev.jsonl); write a bundle.
 
+    ``data_dir`` may be several folders: their union in the first one's labels, other labels renamed
+    by ``label_map``, ``data_modalities`` restricting a dataset's modalities (service/offline/multi_data.py);
+    the manifest then lists every source and the dev metrics of each.
     ``speaker_norm``: modalities z-normalised per speaker within each conversation (shrunk towards
     the training statistics with ``norm_shrink`` pseudo-utterances); the spec records it and the
     statistics go into the bundle, so serving normalises the same way.
     """
-    info = read_dataset_info(data_dir)
+    folders = [Path(data_dir)] if isinstance(data_dir, (str, Path)) else [Path(d) for d in data_dir]
+    data = load_training_data(folders, label_map, data_modalities)
+    info, data_dir = data.info, folders[0]
     labels = list(info["labels"])
     finetuned = is_finetune_option(text_encoder)
     spec = dataset_feature_spec(info, modalities, None if finetuned else text_encoder)
@@ -154,8 +183,8 @@ def train_bundle(
         input_dims={m: int(e["dim"]) for m, e in spec.items()},
         n_classes=len(labels),
     )
-    files = [data_dir / "train.jsonl", data_dir / "dev.jsonl"]
-    train_convs, dev_convs = read_jsonl(files[0]), read_jsonl(files[1])
+    files = data.files
+    train_convs, dev_convs = data.train, data.dev
     n_spk = model_cfg.n_speakers
     norms = fit_normalisers(train_convs, spec, speaker_norm, norm_shrink, cfg.device) if speaker_norm else {}
     if norms:
@@ -179,9 +208,11 @@ def train_bundle(
             "sha256": file_sha256(files),
             "train_utterances": int(sum(len(c) for c in train)),
             "dev_utterances": int(sum(len(c) for c in dev)),
+            **sources_summary(data),
         },
         "train_config": asdict(cfg),
         "dev_metrics": result.dev,
+        **dev_by_dataset(model, dev, data, labels, cfg.device),
         "best_epochs": result.best_epochs,
         "history": result.history,
         "training_seconds": result.seconds,
