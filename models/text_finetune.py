@@ -201,7 +201,10 @@ class TextClassifier(nn.Module):
     def pool(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled target vectors (B, H) in float32."""
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = self.encoder(**inputs).last_hidden_state.float()  # (B, T, H)
+        return self.pool_hidden(self.encoder(**inputs).last_hidden_state.float(), batch)
+
+    def pool_hidden(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled target vectors (B, H) of the last hidden states ``hidden`` (B, T, H) of ``batch``."""
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = batch["target_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -218,14 +221,19 @@ class TextClassifier(nn.Module):
         (B, L, L); returns ``(pooled (N, H), logits (N, C))`` over the chunks' outputs in order."""
         from models.text_chunks import pool_chunks
 
-        allowed = batch["attention_mask"].bool()[:, None]  # (B, 1, L, L): a prepared mask, used as given
+        allowed = self.chunk_mask(batch["attention_mask"])
+        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=allowed).last_hidden_state
+        pooled = pool_chunks(hidden.float(), batch, chunks)
+        return pooled, self.head(self.dropout(pooled))
+
+    def chunk_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's prepared mask (B, 1, L, L) of a turn mask (B, L, L): bool, or additive for eager attention."""
+        allowed = attention_mask.bool()[:, None]  # a prepared mask, used as given
         config = getattr(self.encoder, "config", None)
         if getattr(config, "_attn_implementation", "eager") == "eager":  # eager adds the mask to the scores
             blocked = torch.finfo(torch.float32).min
             allowed = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, blocked)
-        hidden = self.encoder(input_ids=batch["input_ids"], attention_mask=allowed).last_hidden_state
-        pooled = pool_chunks(hidden.float(), batch, chunks)
-        return pooled, self.head(self.dropout(pooled))
+        return allowed
 
 
 def tokenize_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]], max_length: int) -> dict[str, torch.Tensor]:
@@ -299,6 +307,8 @@ class FineTuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_layers: int | None = None  # adapters on the top N layers only (None = all): cheaper backward on CPU
+    cache_lower: bool = False  # with lora_layers: the frozen lower layers run once, cached (models.text_cached)
+    cache_alignments: int = 2  # conversation mode with cache_lower: chunk alignments cached (drawn per epoch)
     init: str | None = None  # warm start: an extractor folder (save_adapter) whose LoRA adapter and head start training
     distill: str | None = None  # teacher extractor folder: also match its vectors; select on the dev distance to them
     distill_weight: float = 1.0  # weight of the vector-matching loss (standardised squared error) beside cross-entropy
@@ -627,8 +637,12 @@ def finetune_text_encoder(
         raise ValueError("distillation needs both cfg.distill (the teacher) and its vectors (targets)")
     if targets is not None and cfg.window.mode != "conversation":
         raise ValueError("distillation is implemented for conversation mode (a pair-mode student is the teacher)")
-    if cfg.window.mode == "conversation":
-        task: _ChunkTask | _PairTask = _ChunkTask(tokenizer, train, dev, cfg, targets)
+    if cfg.cache_lower:  # the frozen lower layers' states computed once (models.text_cached)
+        from models.text_cached import cached_task
+
+        task: _ChunkTask | _PairTask = cached_task(model, tokenizer, train, dev, cfg, targets, device, progress)
+    elif cfg.window.mode == "conversation":
+        task = _ChunkTask(tokenizer, train, dev, cfg, targets)
     else:
         task = _PairTask(tokenizer, train, dev, cfg)
     steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)

@@ -160,6 +160,12 @@ def finetune_text_cmd(
     adapter: Annotated[str, typer.Option(help="lora (small, over the packaged weights) or full")] = "lora",
     lora_r: Annotated[int, typer.Option()] = 16,
     lora_layers: Annotated[int | None, typer.Option(help="adapters on the top N layers only [all]")] = None,
+    cache_lower: Annotated[
+        bool, typer.Option(help="with --lora-layers: run the frozen lower layers once, train over their cached states")
+    ] = False,
+    cache_alignments: Annotated[
+        int, typer.Option(help="conversation mode with --cache-lower: chunk alignments cached, one drawn per epoch")
+    ] = 2,
     init: Annotated[
         Path | None, typer.Option(help="warm start from this extractor's adapter and head (same base, LoRA)")
     ] = None,
@@ -195,6 +201,8 @@ def finetune_text_cmd(
             lora_r=lora_r,
             lora_alpha=2 * lora_r,
             lora_layers=lora_layers,
+            cache_lower=cache_lower,
+            cache_alignments=cache_alignments,
             init=str(init) if init else None,
             distill=str(distill) if distill else None,
             distill_weight=distill_weight,
