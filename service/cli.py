@@ -27,6 +27,17 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _train_conf(config: Path | None, set_: list[str] | None, flags: dict) -> dict:
+    """``merc train``'s sections (model, train, finetune): the YAML, then ``--set``, then the flags given."""
+    from service.offline.training import load_yaml_config, parse_overrides
+
+    conf = load_yaml_config(config)
+    for section, values in parse_overrides(set_ or []).items():
+        conf[section].update(values)
+    conf["train"].update({k: v for k, v in flags.items() if v is not None})
+    return conf
+
+
 @app.command()
 def train(
     arch: Annotated[str, typer.Argument(help="sdt, summer, dmd or iteach")],
@@ -77,15 +88,11 @@ def train(
 ) -> None:
     """Train an architecture on one or several dataset folders and write a bundle."""
     from service.offline.multi_data import parse_data_modalities, parse_label_map
-    from service.offline.training import load_yaml_config, parse_overrides, train_bundle
+    from service.offline.training import train_bundle
 
     try:
-        conf = load_yaml_config(config)
-        for section, values in parse_overrides(set_ or []).items():
-            conf[section].update(values)
         flags = dict(seed=seed, device=device, missing=missing, epochs=epochs, lr=lr, batch_size=batch_size)
-        flags["patience"] = patience
-        conf["train"].update({k: v for k, v in flags.items() if v is not None})
+        conf = _train_conf(config, set_, {**flags, "patience": patience})
         out = out or Path("weights") / f"{arch}-{data[0].name}"
         manifest = train_bundle(
             arch,
@@ -137,6 +144,59 @@ def evaluate(
         _fail(str(e))
     typer.echo(f"report: {out / 'report.md'}")
     typer.echo(json.dumps(metrics))
+
+
+@app.command()
+def cv(
+    arch: Annotated[str, typer.Argument(help="sdt, summer, dmd or iteach")],
+    data: Annotated[Path, typer.Option(help="dataset folder: dataset.json, train.jsonl, dev.jsonl")],
+    work: Annotated[Path, typer.Option(help="folder for the runs, cv.json and cv.md (reused when unchanged)")],
+    folds: Annotated[
+        str, typer.Option(help="N (conversations shuffled), a key naming the folds (media.session), 0: own split only")
+    ] = "5",
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds")] = "0",
+    only: Annotated[
+        str | None, typer.Option(help="train only these folds (comma-separated); others are reused")
+    ] = None,
+    modalities: Annotated[str | None, typer.Option(help="as merc train")] = None,
+    text_encoder: Annotated[str | None, typer.Option(help="as merc train; finetune:BASE is refit per fold")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with 'model:' and 'train:' sections")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="as merc train (repeatable)")] = None,
+    device: Annotated[str | None, typer.Option()] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    patience: Annotated[int | None, typer.Option()] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Score a training recipe by cross-validation over the training conversations (mean +- std)."""
+    from service.offline.crossval import cross_validate
+    from service.offline.evaluation import evaluate_bundle
+    from service.offline.training import train_bundle
+
+    try:
+        flags = dict(device=device, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience)
+        conf = _train_conf(config, set_, flags)
+        seed_list = [int(s) for s in _csv(seeds) or ["0"]]
+        recipe = {"modalities": modalities, "text_encoder": text_encoder, **conf}
+
+        def fit_fold(fold_data: Path, bundle: Path, seed: int) -> dict:
+            command = "merc " + shlex.join(sys.argv[1:]) + f" (fold data {fold_data}, seed {seed})"
+            return train_bundle(
+                arch, fold_data, bundle, modalities=_csv(modalities), text_encoder=text_encoder,
+                model_overrides=conf["model"], train_overrides={**conf["train"], "seed": seed},
+                progress=not quiet, command=command, finetune_overrides=dict(conf["finetune"]),
+            )
+
+        def score_fold(bundle: Path, file: Path, out: Path) -> dict:
+            return evaluate_bundle(bundle, file, out, progress=False)
+
+        chosen = [int(k) for k in _csv(only)] if only else None
+        result = cross_validate(arch, data, work, folds, seed_list, fit_fold, score_fold, recipe, chosen)
+    except (DataError, BundleError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo((work / "cv.md").read_text())
+    typer.echo(json.dumps(result["summary"]))
 
 
 @app.command("finetune-text")
