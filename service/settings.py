@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_utterances: int = Field(2000, ge=1, description="utterances per conversation")
     max_text_chars: int = Field(5000, ge=1, description="characters per utterance text")
     max_media_seconds: float = Field(3600.0, gt=0, description="longest media accepted")
+    max_video_pixels: int = Field(
+        7680 * 4320, ge=1, description="largest video frame (width x height, from the stream header) decoded; 8K UHD"
+    )
     probe_timeout_s: float = Field(10.0, gt=0, description="time allowed to open and decode the first frame")
     job_timeout_s: float = Field(1800.0, gt=0, description="a job running longer is marked failed")
     sync_media_max_s: float = Field(60.0, ge=0, description="media longer than this is always answered 202")

@@ -1,18 +1,20 @@
 """Uploaded media: content sniffing from the bytes (never the file name or MIME type) and a
-bounded probe with PyAV (streams, duration, one decoded frame)."""
+bounded probe with PyAV (streams, duration, frame size from the header, one decoded frame) in a
+child process that is killed when it runs past MERC_PROBE_TIMEOUT_S (service.media.probe)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 from pathlib import Path
 from typing import Any
 
 from service.api.errors import Problem
+from service.media.decode import MediaLimits, MediaTooLarge
+from service.media.probe import ProbePool, ProbeTimeout
 
 VIDEO_FORMATS = {"mp4", "mov", "webm", "mkv", "avi", "flv"}
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "m4a"} | VIDEO_FORMATS
 _IMAGES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF"}
-_PROBES = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="merc-probe")
+_PROBES = ProbePool(size=4)
 
 
 def sniff(head: bytes) -> str | None:
@@ -43,51 +45,12 @@ def _describe_unknown(head: bytes) -> str:
         return "unrecognised binary data"
 
 
-def _probe(path: Path, want_video: bool, max_seconds: float = float("inf")) -> dict[str, Any]:
-    """Open with PyAV, list streams, and decode one frame of the stream that matters.
+def inspect_media(
+    path: Path, field: str, timeout: float, max_seconds: float, max_pixels: int = MediaLimits.max_pixels
+) -> dict[str, Any]:
+    """Sniff and probe an upload for ``field`` (video or audio); a Problem (4xx) if unusable.
 
-    A container that declares no duration (a matroska written to a pipe) is measured from its
-    packets' timestamps, up to just past ``max_seconds``."""
-    import av
-
-    with av.open(str(path), metadata_errors="ignore") as container:
-        has_video = bool(container.streams.video)
-        has_audio = bool(container.streams.audio)
-        duration = container.duration / 1_000_000 if container.duration else None
-        if duration is None:
-            spans = [float(s.duration * s.time_base) for s in container.streams if s.duration and s.time_base]
-            duration = max(spans, default=None)
-    if duration is None:
-        duration = packet_duration(path, max_seconds)
-    with av.open(str(path), metadata_errors="ignore") as container:
-        stream = (container.streams.video or container.streams.audio or [None])[0]
-        if want_video and has_video:
-            stream = container.streams.video[0]
-        elif not want_video and has_audio:
-            stream = container.streams.audio[0]
-        if stream is not None and next(iter(container.decode(stream)), None) is None:
-            raise ValueError("no frame could be decoded")
-    return {"duration": duration, "has_video": has_video, "has_audio": has_audio}
-
-
-def packet_duration(path: Path, max_seconds: float) -> float | None:
-    """Seconds covered by the packets of every stream (demuxed, not decoded); stops past ``max_seconds``."""
-    import av
-
-    end = None
-    with av.open(str(path), metadata_errors="ignore") as container:
-        for packet in container.demux():
-            if packet.pts is None or packet.time_base is None:
-                continue
-            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-            end = t if end is None else max(end, t)
-            if end > max_seconds:
-                break
-    return end
-
-
-def inspect_media(path: Path, field: str, timeout: float, max_seconds: float) -> dict[str, Any]:
-    """Sniff and probe an upload for ``field`` (video or audio); a Problem (4xx) if unusable."""
+    A video whose stream header declares frames over ``max_pixels`` is refused before any decoding."""
     size = path.stat().st_size
     if size == 0:
         raise Problem(422, "empty-media", f"{field}: the uploaded file is empty (0 bytes)", field=field)
@@ -103,13 +66,14 @@ def inspect_media(path: Path, field: str, timeout: float, max_seconds: float) ->
             f"{field}: the content is {what}, not a supported {field} container ({', '.join(sorted(allowed))})",
             field=field,
         )
-    future = _PROBES.submit(_probe, path, field == "video", max_seconds)
     try:
-        info = future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
+        info = _PROBES.probe(path, field == "video", MediaLimits(max_pixels), max_seconds, timeout)
+    except ProbeTimeout:
         raise Problem(422, "decode-timeout", f"{field}: decoding took longer than {timeout:g} s", field=field) from None
-    except Exception as e:  # any decoder error means a corrupt upload
-        reason = str(e).replace(str(path), "the upload").replace(path.name, "the upload")  # no server paths
+    except Exception as e:  # any decoder error means an unusable upload
+        reason = str(e).replace(f"{path}: ", "").replace(str(path), "the upload").replace(path.name, "the upload")
+        if isinstance(e, MediaTooLarge):  # from the stream header, before any decoding
+            raise Problem(422, "frame-too-large", f"{field}: {reason}", field=field) from None
         raise Problem(
             422, "corrupt-media", f"{field}: looks like {fmt} but cannot be decoded ({reason})", field=field
         ) from e

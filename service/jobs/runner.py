@@ -25,6 +25,7 @@ from service.inference.pipeline import MediaInput, extract_features, supplied_mo
 from service.inference.pipeline import score as pipeline_score
 from service.inference.predictor import FeatureLists, Predictor
 from service.jobs.files import load_features, save_features, write_json
+from service.media.decode import MediaLimits, set_limits
 from service.settings import Settings
 
 log = logging.getLogger("merc.inference")
@@ -117,6 +118,11 @@ def media_input(job_dir: Path, desc: dict[str, Any]) -> MediaInput:
     )
 
 
+def media_limits(settings: Settings) -> MediaLimits:
+    """The decoding bounds of ``settings`` (MERC_MAX_VIDEO_PIXELS)."""
+    return MediaLimits(max_pixels=settings.max_video_pixels)
+
+
 def read_request(job_dir: Path) -> dict[str, Any]:
     """A job's stored request.json."""
     try:
@@ -132,6 +138,7 @@ def run_conversation_job(job_dir: str, model: str, settings: Settings) -> dict[s
     """A whole conversation: {"result": the result document}; features.npz written for later appends."""
     folder = Path(job_dir)
     request = read_request(folder)
+    set_limits(media_limits(settings))  # whatever the API checked, decoding here holds to the settings
     media = media_input(folder, request.get("media") or {})
     asr = transcribe_job(folder, request, media, settings.device)
     conv = parse_conversation(request["conversation"], "transcript")

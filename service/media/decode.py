@@ -13,17 +13,22 @@ Media time is the player's clock: seconds from the container's start. A stream t
 padded with silence (audio) or simply has no frames there (video); timestamps, not frame counts,
 place frames, so variable frame rates are fine. Audio-only and video-only files work.
 
-Anything wrong with a file raises :class:`MediaError` naming the file and the problem.
+Anything wrong with a file raises :class:`MediaError` naming the file and the problem. Files are
+opened under :class:`MediaLimits` (the process default, set by :func:`set_limits`, or one passed in):
+a video whose stream header declares frames over ``max_pixels`` is refused (:class:`MediaTooLarge`)
+before a frame is decoded; FFmpeg's own probe of the streams never decodes frames past it either.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
+import av.logging
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
@@ -43,6 +48,48 @@ belongs to; and ``crops``: the same frames at ``crop_side``, (B, H2, W2) uint8 g
 
 class MediaError(ValueError):
     """A media file that cannot be used; the message names the file and what is wrong."""
+
+
+class MediaTooLarge(MediaError):
+    """A media file over a :class:`MediaLimits` bound; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Bounds on what a file may cost to decode.
+
+    Attributes:
+        max_pixels: largest video frame (width x height) decoded; larger ones are refused from the
+            stream header (the service's ``MERC_MAX_VIDEO_PIXELS``).
+    """
+
+    max_pixels: int = 2**31 - 1  # FFmpeg's own default (INT_MAX)
+
+
+_limits = MediaLimits()
+_PICTURE_SIZE = re.compile(r"Picture size (\d+)x(\d+)")
+
+
+def set_limits(limits: MediaLimits) -> None:
+    """The limits every later decode of this process uses when it is given none (a worker's settings)."""
+    global _limits
+    _limits = limits
+
+
+def frame_size_problem(stream: av.video.stream.VideoStream, limits: MediaLimits, logged: str = "") -> str | None:
+    """Why frames of ``stream`` are too large to decode, from its header; None when they are not.
+
+    A stream that FFmpeg could not size (its probe refused the first frame over ``max_pixels``,
+    logging ``Picture size WxH``; ``logged`` holds that log) is refused too."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    cap = f"the limit of {limits.max_pixels} pixels (MERC_MAX_VIDEO_PIXELS)"
+    if not (width and height) and (found := _PICTURE_SIZE.search(logged)):
+        width, height = int(found[1]), int(found[2])
+    if not (width and height):
+        return f"the frame size cannot be read from the video stream header, or exceeds {cap}"
+    if width * height > limits.max_pixels:
+        return f"frames of {width}x{height} ({width * height} pixels) exceed {cap}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,20 +132,30 @@ class DecodedMedia:
     decode_seconds: float = 0.0
 
 
-def open_media(path: str | Path) -> av.container.InputContainer:
-    """Open ``path`` with PyAV; MediaError for a missing, zero-byte, unreadable or stream-less file."""
-    path = Path(path)
+def open_media(path: str | Path, limits: MediaLimits | None = None, video: bool = False) -> av.container.InputContainer:
+    """Open ``path`` with PyAV; MediaError for a missing, zero-byte, unreadable or stream-less file.
+
+    FFmpeg's stream probe decodes no frame over ``limits.max_pixels``; with ``video``, a first
+    video stream whose frames exceed it is refused (MediaTooLarge) before anything is decoded."""
+    path, limits = Path(path), limits or _limits
     if not path.is_file():
         raise MediaError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: zero-byte file")
     try:
-        container = av.open(str(path), metadata_errors="ignore")
+        with av.logging.Capture() as logs:  # filled only where av.logging has a level (the API's probe)
+            container = av.open(str(path), metadata_errors="ignore", options={"max_pixels": str(limits.max_pixels)})
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise MediaError(f"{path}: not a readable media file (corrupt, truncated or unsupported format: {e})") from None
+    problem = None
     if not container.streams.audio and not container.streams.video:
+        problem = MediaError(f"{path}: no audio or video stream")
+    elif video and container.streams.video:
+        reason = frame_size_problem(container.streams.video[0], limits, " ".join(m for _, _, m in logs))
+        problem = MediaTooLarge(f"{path}: {reason}") if reason else None
+    if problem is not None:
         container.close()
-        raise MediaError(f"{path}: no audio or video stream")
+        raise problem
     return container
 
 
@@ -214,14 +271,16 @@ def decode_media(
     want_audio: bool = True,
     sink: FrameSink | None = None,
     sampling: FrameSampling = FrameSampling(),
+    limits: MediaLimits | None = None,
 ) -> DecodedMedia:
     """Decode ``path`` once: keep its audio (when ``want_audio``), send sampled frames to ``sink``.
 
     Frames are only decoded when a sink is given. Decoding stops once every wanted stream has
-    passed the last window's end. Raises MediaError for unreadable, corrupt or truncated files.
+    passed the last window's end. Raises MediaError for unreadable, corrupt or truncated files,
+    MediaTooLarge past ``limits`` (default: the process's, :func:`set_limits`).
     """
-    path = Path(path)
-    container = open_media(path)
+    path, limits = Path(path), limits or _limits
+    container = open_media(path, limits, video=sink is not None)
     started = time.perf_counter()
     with container:
         audio_stream = container.streams.audio[0] if want_audio and container.streams.audio else None
@@ -229,6 +288,7 @@ def decode_media(
         interval = None
         if video_stream is not None:
             video_stream.thread_type = "SLICE"  # frame threads would fight face detection for the cores
+            video_stream.codec_context.options = {"max_pixels": str(limits.max_pixels)}  # a later, larger frame
             rate = video_stream.average_rate or video_stream.guessed_rate
             if sampling.every > 1 and rate:
                 video_stream.codec_context.skip_frame = "NONREF"  # B-frames are never needed: skip them

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.api.conftest import assert_problem, conversation
+from tests.service.media_helpers import huge_frame_video
 
 KEY = "test-key-123"
 GOOD = conversation(2)
@@ -176,6 +177,17 @@ def test_bad_media_uploads(client, server, stored, name, files, status, field):
     body = assert_problem(post_media(client, files), status, field)
     assert field.split(".")[0] in body["detail"] or body["field"] == field
     assert not list((server.data_dir / "tmp").iterdir()), "temp files left behind"
+
+
+def test_frames_over_the_pixel_limit_are_refused_from_the_header(client, server, tmp_path):
+    """Issue 21 F1: a few kB declaring 16000x16000 frames get a 422 naming the field and the limit,
+    from the stream header (decoding it took 10-20 s and 1.5 GB of the API process per upload)."""
+    huge = huge_frame_video(tmp_path / "huge.mov").read_bytes()
+    files = {"video": ("a.mov", huge, "video/quicktime"), "transcript": (None, timed(end=0.5))}
+    body = assert_problem(post_media(client, files), 422, "video")
+    assert body["type"].endswith(":frame-too-large"), body
+    assert "16000x16000" in body["detail"] and "MERC_MAX_VIDEO_PIXELS" in body["detail"]
+    assert not list((server.data_dir / "tmp").iterdir())
 
 
 def test_unknown_model_in_multipart(client, server):

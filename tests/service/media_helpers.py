@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -78,4 +79,26 @@ def espeak(path: Path, text: str) -> Path | None:
     if exe is None:
         return None
     subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def huge_frame_video(path: Path, width: int = 16000, height: int = 16000) -> Path:
+    """A few kB of QuickTime (.mov) whose one PNG frame declares ``width`` x ``height`` 16-bit RGB.
+
+    Decoding it allocates width x height x 6 bytes (1.5 GB at 16000x16000) before the data runs out."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    packer = zlib.compressobj(9)
+    rows = b"".join(packer.compress(b"\0" * (1 + 6 * width)) for _ in range(min(height, 64))) + packer.flush()
+    png = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+    with av.open(str(path), "w", format="mov") as out:
+        stream = out.add_stream("png", rate=1)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb48be"
+        packet = av.Packet(png)
+        packet.stream, packet.pts, packet.dts, packet.time_base = stream, 0, 0, Fraction(1, 1)
+        packet.is_keyframe = True
+        out.mux(packet)
     return path

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.media.decode import FrameSampling, MediaError, cut, decode_media
-from tests.service.media_helpers import tone, write_video, write_wav
+from service.media.decode import FrameSampling, MediaError, MediaLimits, MediaTooLarge, cut, decode_media, set_limits
+from tests.service.media_helpers import huge_frame_video, tone, write_video, write_wav
 
 
 def ramp_wav(path: Path, n: int = 48000) -> np.ndarray:
@@ -85,3 +85,19 @@ def test_bad_files_raise_errors_naming_the_file(tmp_path: Path) -> None:
             decode_media(tmp_path / f"{name}.mp4", [(0.0, None)], sink=lambda f, o, c: None)
     with pytest.raises(MediaError, match=r"missing\.mp4: no such file"):
         decode_media(tmp_path / "missing.mp4", [(0.0, None)])
+
+
+def test_frames_over_the_pixel_limit_are_refused_from_the_header(tmp_path: Path) -> None:
+    """Issue 21 F1: a few kB declaring 16000x16000 frames is refused before any frame is decoded."""
+    huge = huge_frame_video(tmp_path / "huge.mov")
+    with pytest.raises(MediaTooLarge, match=r"huge\.mov: .*MERC_MAX_VIDEO_PIXELS"):
+        decode_media(huge, [(0.0, None)], sink=lambda f, o, c: None, limits=MediaLimits(max_pixels=7680 * 4320))
+    small = write_video(tmp_path / "small.mp4", seconds=1.0)  # 160x120
+    assert decode_media(small, [(0.0, None)], sink=lambda f, o, c: None).frames_sampled > 0
+    set_limits(MediaLimits(max_pixels=100))  # what a worker does with its settings
+    try:
+        with pytest.raises(MediaTooLarge, match=r"frames of \d+x\d+ \(\d+ pixels\) exceed the limit of 100 pixels"):
+            decode_media(small, [(0.0, None)], sink=lambda f, o, c: None)
+        assert decode_media(small, [(0.0, None)]).audio is None  # audio only: frames are never decoded
+    finally:
+        set_limits(MediaLimits())
