@@ -28,6 +28,9 @@ it (60 utterances of 10 s). Run::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/media_pipeline.py [--threads 1] [--repeats 3] [--long]
 
+``--device cuda`` runs both variants' models on the GPU (MTCNN and the face CNN in fp16 there, the text
+encoder too); ``--video`` another clip (benchmarks/gpu_check.py passes both).
+
 ``--threads`` is torch's intra-op thread count (default 1): on a shared 2-core machine, 2 OpenMP
 threads spin at a barrier after each of MTCNN's thousands of small ops while the other thread is
 descheduled, which made both variants 5-20x slower under load. Our pipeline gets its parallelism
@@ -82,10 +85,10 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def ours(convs: list[Conversation], video: Path, feature_spec: dict) -> dict[str, float]:
+def ours(convs: list[Conversation], video: Path, feature_spec: dict, device: str = "cpu") -> dict[str, float]:
     """One :func:`extract_features_many` call over ``convs`` (each with ``video``), readings included."""
     started, cpu = time.perf_counter(), cpu_seconds()
-    outs, timings = extract_features_many(convs, feature_spec, [MediaInput(video=video)] * len(convs), "cpu")
+    outs, timings = extract_features_many(convs, feature_spec, [MediaInput(video=video)] * len(convs), device)
     assert all(fs.readings is not None for fs in outs)  # readings made in the same passes
     timings["total"] = time.perf_counter() - started
     timings["cpu"] = cpu_seconds() - cpu
@@ -130,13 +133,14 @@ def naive_cut(video: Path, start: float, end: float, wav: Path, frames: Path, ev
             n += 1
 
 
-def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> dict[str, float]:
+def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path, device: str = "cpu") -> dict[str, float]:
     """The per-utterance pipeline with files and ffmpeg subprocesses, same models and frame rate."""
     from PIL import Image
 
-    text = extractor_for("text", feature_spec["text"], "cpu")
-    audio = extractor_for("audio", feature_spec["audio"], "cpu")
-    visual = extractor_for("visual", feature_spec["visual"], "cpu")
+    text = extractor_for("text", feature_spec["text"], device)
+    audio = extractor_for("audio", feature_spec["audio"], device)
+    visual = extractor_for("visual", feature_spec["visual"], device)
+    dtype = torch.float16 if visual.half else torch.float32
     from service.features.voice_reading import load_voice_model
     from service.inference.readings import face_readings, voice_readings
 
@@ -161,14 +165,20 @@ def naive(conv: Conversation, video: Path, feature_spec: dict, work: Path) -> di
             boxes, probs, marks = visual.facenet.detect(frame, landmarks=True)
             detection += time.perf_counter() - t5
             if boxes is not None:
-                k = int(np.argmax(probs))
-                crops.append(aligned_crop(Image.fromarray(frame).convert("L"), boxes[k], marks[k], 48))
+                k, gray = int(np.argmax(probs)), Image.fromarray(frame).convert("L")
+                crops.append((aligned_crop(gray, boxes[k], marks[k], 48), aligned_crop(gray, boxes[k], marks[k], 64)))
         chosen = []
         with torch.inference_mode():
-            for crop in crops:  # the face CNN face by face, then its classifier for the face reading
-                hidden, _ = visual.cnn(torch.from_numpy(crop[None, None].astype(np.float32) / 255.0))
+            for crop, reading_crop in crops:  # the face CNN face by face, then the face reading's classifier
+                face = torch.from_numpy(crop[None, None].astype(np.float32) / 255.0).to(visual.device, dtype)
+                hidden, _ = visual.cnn(face)
                 chosen.append(FaceObs(0, (0.5, 0.5), 0.0, 1.0, crop))
-                chosen[-1].expression = torch.softmax(visual.cnn.expression_logits(hidden), 1).numpy()[0]
+                if getattr(visual, "reader", None) is not None:
+                    face = torch.from_numpy(reading_crop[None, None].astype(np.float32) / 255.0)
+                    probs = visual.reader(face.to(visual.device, dtype))
+                else:
+                    probs = torch.softmax(visual.cnn.expression_logits(hidden).float(), 1)
+                chosen[-1].expression = probs.cpu().numpy()[0]
         t4 = time.perf_counter()
         faces.append(face_readings([chosen], [len(crops)])[0])
         speech.append(u.end - u.start)
@@ -198,6 +208,14 @@ def report(name: str, runs: list[dict[str, float]], media_seconds: float) -> dic
     return med
 
 
+def media_seconds(video: Path) -> float:
+    """The clip's duration in seconds (the container's)."""
+    import av
+
+    with av.open(str(video)) as container:
+        return container.duration / 1e6 if container.duration else 19.69
+
+
 def long_video(work: Path) -> Path:
     """10 minutes of 1280x720 (the benchmark clip looped and upscaled), cached across runs."""
     path = Path(tempfile.gettempdir()) / "merc-bench-10min-720p.mp4"
@@ -216,32 +234,38 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--long", action="store_true", help="only the 10-minute 720p peak-memory run")
     ap.add_argument("--no-naive", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (models of both variants)")
+    ap.add_argument("--video", type=Path, default=VIDEO, help="the clip (default: the 19.7 s face video)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not VIDEO.is_file():
-        sys.exit(f"{VIDEO} not found (needs ../shared/media)")
+    video, device = args.video, args.device
+    if not video.is_file():
+        sys.exit(f"{video} not found (needs ../shared/media)")
     feature_spec = spec()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.long:
-            video = long_video(work)
-            timings = ours([transcript(600.0, n=60, cid="long")], video, feature_spec)
+            timings = ours([transcript(600.0, n=60, cid="long")], long_video(work), feature_spec, device)
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             rtf = timings["total"] / 600
             print(f"10-min 720p: total={timings['total']:.1f}s RTF={rtf:.3f} peak RSS={peak_mb:.0f} MB {timings}")
             return
-        conv = [transcript(19.69)]
-        ours(conv, VIDEO, feature_spec)  # warm-up: models loaded, caches primed
-        print(f"threads={args.threads} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f} video=19.69s")
-        mine = report("ours (1 conversation)", [ours(conv, VIDEO, feature_spec) for _ in range(args.repeats)], 19.69)
+        seconds = media_seconds(video)
+        conv = [transcript(seconds)]
+        ours(conv, video, feature_spec, device)  # warm-up: models loaded, caches primed
+        print(f"threads={args.threads} cores={os.cpu_count()} load={os.getloadavg()[0]:.2f} video={seconds:.2f}s "
+              f"device={device}")  # fmt: skip
+        runs = [ours(conv, video, feature_spec, device) for _ in range(args.repeats)]
+        mine = report("ours (1 conversation)", runs, seconds)
         if not args.no_naive:
-            naive(conv[0], VIDEO, feature_spec, work)
-            runs = [naive(conv[0], VIDEO, feature_spec, work) for _ in range(args.repeats)]
-            peer = report("naive (1 conversation)", runs, 19.69)
+            naive(conv[0], video, feature_spec, work, device)
+            runs = [naive(conv[0], video, feature_spec, work, device) for _ in range(args.repeats)]
+            peer = report("naive (1 conversation)", runs, seconds)
             print(f"speed-up vs naive: {peer['total'] / mine['total']:.2f}x wall, {peer['cpu'] / mine['cpu']:.2f}x CPU")
-        copies = [transcript(19.69, cid=f"c{k}") for k in range(args.batch)]
-        runs = [ours(copies, VIDEO, feature_spec) for _ in range(max(1, args.repeats // 2))]
-        report(f"ours ({args.batch} conversations, 1 batch)", runs, 19.69 * args.batch)
+        if args.batch > 1:
+            copies = [transcript(seconds, cid=f"c{k}") for k in range(args.batch)]
+            runs = [ours(copies, video, feature_spec, device) for _ in range(max(1, args.repeats // 2))]
+            report(f"ours ({args.batch} conversations, 1 batch)", runs, seconds * args.batch)
 
 
 if __name__ == "__main__":

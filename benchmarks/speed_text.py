@@ -26,6 +26,9 @@ On a shared machine the wall figures depend on the load (printed); the CPU milli
 Run::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/speed_text.py [--n 20] [--bundle NAME] [--http]
+
+``--device cuda`` times the same paths on the GPU (the fine-tuned encoder in fp16 there; no int8 rows, int8 is a
+CPU quantization; benchmarks/gpu_check.py passes it).
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ def _ms(seconds: list[float]) -> str:
 
 
 def _timed(fn, *args: object) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of ``fn(*args)``."""
+    """(wall seconds, CPU seconds of this process) of ``fn(*args)``, GPU work included (synchronised)."""
     w, c = time.perf_counter(), time.process_time()
     fn(*args)
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     return time.perf_counter() - w, time.process_time() - c
 
 
-def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -> dict[str, float]:
+def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random, device: str = "cpu") -> dict[str, float]:
     """Latency of a 20-turn POST and a 1-turn append through the service's scoring path."""
     import service.features.finetuned as ft
     from service.inference.pipeline import extract_features, score
@@ -72,15 +77,15 @@ def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -
     os.environ["MERC_TEXT_INT8"] = "1" if int8 else "0"
     ft._LOADED.clear()  # a new encoder with this int8 setting
     torch.set_num_threads(threads)
-    predictor = Predictor(bundle, "cpu", ROOT / "weights")
+    predictor = Predictor(bundle, device, ROOT / "weights")
     spec = predictor.feature_spec
 
     def post(conv: Conversation) -> None:
-        feats, timings = extract_features(conv, spec, None, "cpu")
+        feats, timings = extract_features(conv, spec, None, device)
         score(predictor, conv, feats, ["text"], timings)
 
     def append(conv: Conversation) -> None:
-        feats, timings = extract_features(conv, spec, None, "cpu", first=len(conv.utterances) - 1, future_known=False)
+        feats, timings = extract_features(conv, spec, None, device, first=len(conv.utterances) - 1, future_known=False)
         score(predictor, conv, feats, ["text"], timings, future_known=False)
 
     for _ in range(2):  # load + warm
@@ -98,7 +103,8 @@ def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -
         out[f"{k}_wall_p99_ms"] = float(np.percentile(wall, 99) * 1000)
         out[f"{k}_cpu_p50_ms"] = float(np.percentile(cpu, 50) * 1000)
     print(
-        f"{bundle} {'int8' if int8 else 'fp32'} {threads} thread(s): 20 fresh turns {_ms([w for w, _ in rows['post']])}"
+        f"{bundle} {'int8' if int8 else 'fp32'} {device} {threads} thread(s): "
+        f"20 fresh turns {_ms([w for w, _ in rows['post']])}"
         f" (CPU {out['post_cpu_p50_ms']:.0f} ms); append 1 turn {_ms([w for w, _ in rows['append']])}"
         f" (CPU {out['append_cpu_p50_ms']:.0f} ms)",
         flush=True,
@@ -106,12 +112,12 @@ def scoring(bundle: str, n: int, threads: int, int8: bool, rng: random.Random) -
     return out
 
 
-def plain_minilm(n: int, threads: int, rng: random.Random) -> dict[str, float]:
+def plain_minilm(n: int, threads: int, rng: random.Random, device: str = "cpu") -> dict[str, float]:
     """The same kind of 20 fresh turns through the context-free MiniLM encoder (no cache)."""
     from service.features.text import get_text_encoder
 
     torch.set_num_threads(threads)
-    encoder = get_text_encoder("minilm-l6-v2", device="cpu", use_cache=False)
+    encoder = get_text_encoder("minilm-l6-v2", device=device, use_cache=False)
     encoder.encode([u.text for u in fresh_conversation(20, rng).utterances])
     rows = [_timed(lambda: encoder.encode([u.text for u in fresh_conversation(20, rng).utterances])) for _ in range(n)]
     wall, cpu = zip(*rows, strict=True)
@@ -122,7 +128,7 @@ def plain_minilm(n: int, threads: int, rng: random.Random) -> dict[str, float]:
     return {"wall_p50_ms": float(np.median(wall) * 1000), "cpu_p50_ms": float(np.median(cpu) * 1000)}
 
 
-def small_inputs(n: int) -> dict[str, float]:
+def small_inputs(n: int, device: str = "cpu") -> dict[str, float]:
     """(e): encoder forward p50 ms by length, an append after cached keys/values, a cache write."""
     from transformers import AutoModel
 
@@ -131,7 +137,13 @@ def small_inputs(n: int) -> dict[str, float]:
 
     torch.set_num_threads(1)
     where = str(_resolve_source("minilm-l6-v2", None).locate())
-    model = AutoModel.from_pretrained(where, local_files_only=True).eval()
+    model = AutoModel.from_pretrained(where, local_files_only=True).eval().to(device)
+
+    def ints(length: int) -> torch.Tensor:
+        return torch.randint(1000, 5000, (1, length), device=device)
+
+    def mask(rows: int, cols: int) -> torch.Tensor:
+        return torch.ones(1, rows, cols, dtype=torch.bool, device=device)
 
     def p50(fn) -> float:
         fn()
@@ -140,10 +152,10 @@ def small_inputs(n: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with torch.no_grad():
         for length in (12, 40, 100):
-            ids = torch.randint(1000, 5000, (1, length))
+            ids = ints(length)
             out[f"forward_{length}_tokens_ms"] = p50(lambda ids=ids: model(input_ids=ids))
-        _, past = forward_kv(model, torch.randint(1000, 5000, (1, 40)), torch.ones(1, 40, 40, dtype=torch.bool))
-        new, allowed = torch.randint(1000, 5000, (1, 12)), torch.ones(1, 12, 52, dtype=torch.bool)
+        _, past = forward_kv(model, ints(40), mask(40, 40))
+        new, allowed = ints(12), mask(12, 52)
         out["append_12_after_40_cached_ms"] = p50(lambda: forward_kv(model, new, allowed, past))
     cache = EmbeddingCache(tempfile.mkdtemp(prefix="merc-cache-"), FeatureSpec("bench", "v1", 384))
     vec, count = np.ones((1, 384), np.float32), iter(range(10**9))
@@ -158,7 +170,7 @@ def small_inputs(n: int) -> dict[str, float]:
     return out
 
 
-def batched_appends(n: int, rng: random.Random) -> dict[str, float]:
+def batched_appends(n: int, rng: random.Random, device: str = "cpu") -> dict[str, float]:
     """(e): 16 appends (turn 22 of 16 chats) in one conversation-mode encoder call, with and without
     ``MERC_TEXT_KV_CACHE_MB`` (the open chunks' keys/values)."""
     from service.features.finetuned import FinetunedTextEncoder, spec_entry
@@ -167,7 +179,7 @@ def batched_appends(n: int, rng: random.Random) -> dict[str, float]:
     out: dict[str, float] = {}
     for label, budget in (("no_kv_cache", "0"), ("kv_cache", "64")):
         os.environ["MERC_TEXT_KV_CACHE_MB"] = budget
-        enc = FinetunedTextEncoder(spec_entry(folder, folder.name), folder, "cpu", use_disk_cache=False)
+        enc = FinetunedTextEncoder(spec_entry(folder, folder.name), folder, device, use_disk_cache=False)
         times = []
         for _ in range(max(3, n // 4)):
             convs = [Conversation(id=f"c{i}", utterances=fresh_conversation(23, rng).utterances) for i in range(16)]
@@ -183,7 +195,7 @@ def batched_appends(n: int, rng: random.Random) -> dict[str, float]:
     return out
 
 
-def dev_accuracy(bundle: str, int8: bool) -> float | None:
+def dev_accuracy(bundle: str, int8: bool, device: str = "cpu") -> float | None:
     """Dev weighted F1 (``merc evaluate``) with int8 text features on or off; None without the data."""
     bundle_dir = Path(bundle) if Path(bundle).is_dir() else ROOT / "weights" / bundle
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
@@ -195,7 +207,7 @@ def dev_accuracy(bundle: str, int8: bool) -> float | None:
     out = Path(tempfile.mkdtemp(prefix="merc-eval-"))
     cmd = [str(ROOT / ".venv" / "bin" / "merc"), "evaluate", "--bundle", str(bundle_dir), "--data", str(dev)]
     proc = subprocess.run(
-        [*cmd, "--out", str(out), "--device", "cpu", "--quiet"], env=env, capture_output=True, text=True, check=True
+        [*cmd, "--out", str(out), "--device", device, "--quiet"], env=env, capture_output=True, text=True, check=True
     )
     wf1 = float(json.loads(proc.stdout.strip().splitlines()[-1])["weighted_f1"])
     print(f"{bundle} dev weighted F1 ({dev.parent.name}), {'int8' if int8 else 'fp32'} text encoder: {wf1:.2f}")
@@ -232,7 +244,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="torch thread counts to time")
     ap.add_argument("--no-accuracy", action="store_true", help="skip (c), the dev evaluation")
     ap.add_argument("--http", action="store_true", help="also run benchmarks/api_cpu.py --clients-list 1,4,16")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = ap.parse_args()
+    device = args.device
     from service.settings import Settings
 
     bundle = args.bundle or Settings().default_model
@@ -240,20 +254,22 @@ def main() -> None:
     rng = random.Random(0)
     threads = [int(t) for t in args.threads.split(",")]
     report: dict = {"bundle": bundle, "scoring": {}, "plain_minilm": {}}
-    for int8 in (False, True):
+    report["device"] = device
+    for int8 in (False, True) if device == "cpu" else (False,):
         for t in threads:
-            report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng)
+            report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng, device)
     for t in threads:
-        report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng)
-    report["small_inputs"] = small_inputs(args.n) | batched_appends(args.n, rng)
+        report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng, device)
+    report["small_inputs"] = small_inputs(args.n, device) | batched_appends(args.n, rng, device)
     if not args.no_accuracy:
-        report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8") for k in ("fp32", "int8")}
-        f32, i8 = report["dev_weighted_f1"].values()
+        kinds = ("fp32", "int8") if device == "cpu" else ("fp32",)
+        report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8", device) for k in kinds}
+        f32, i8 = report["dev_weighted_f1"]["fp32"], report["dev_weighted_f1"].get("int8")
         if f32 is not None and i8 is not None:
             print(f"int8 drift: {i8 - f32:+.2f} w-F1 points (the issue allows -0.30)")
         teacher = teacher_bundle(bundle)
         if teacher and f32 is not None:  # the same fusion weights on the encoder the student replaces
-            slow = report["dev_weighted_f1"]["teacher_fp32"] = dev_accuracy(teacher, False)
+            slow = report["dev_weighted_f1"]["teacher_fp32"] = dev_accuracy(teacher, False, device)
             if slow is not None:
                 print(f"distilled text encoder vs its teacher ({teacher}): {f32 - slow:+.2f} w-F1 points")
     print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
