@@ -100,7 +100,9 @@ def wait_until(check: Any, timeout: float, what: str, proc: Proc | None = None) 
 class LocalCluster:
     """redis-server + the API in distributed mode + N workers, like ``docker compose up``."""
 
-    def __init__(self, base: Path, workers: int = 2, **env: str) -> None:
+    def __init__(self, base: Path, workers: int = 2, ready_timeout: float = 180, **env: str) -> None:
+        """``ready_timeout``: seconds the API and each worker may take to be ready (models load slowly
+        on a shared, loaded host); ``env``: MERC_* settings of every process."""
         if shutil.which("redis-server") is None:
             raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
         self.base = Path(base)
@@ -111,7 +113,7 @@ class LocalCluster:
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.queue_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.env = self._env(env)
-        self.n_workers = workers
+        self.n_workers, self.ready_timeout = workers, ready_timeout
         self.redis: Proc | None = None
         self.api: Proc | None = None
         self.workers: list[Proc] = []
@@ -171,9 +173,9 @@ class LocalCluster:
             self.start_redis()
             for _ in range(self.n_workers):  # loading models in parallel with the API
                 self.start_worker(wait=False)
-            self.start_api()
+            self.start_api(self.ready_timeout)
             for i in range(self.n_workers):
-                self.wait_worker_ready(i)
+                self.wait_worker_ready(i, self.ready_timeout)
         except BaseException:
             self.stop()
             raise

@@ -1,4 +1,5 @@
-"""A real ``redis-server`` per test module (the tests skip when the Debian package is absent)."""
+"""A real ``redis-server`` per test module (the tests skip when the Debian package is absent), and
+the client and store fixtures of modules that define a ``cluster`` (a ``LocalCluster``)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,22 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         yield url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def api(cluster) -> Iterator:
+    """An HTTP client of the module's cluster API."""
+    import httpx
+
+    with httpx.Client(base_url=cluster.api_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def store(cluster) -> Iterator:
+    """The module's cluster job store, opened like a worker or API does."""
+    from service.jobs.redis_store import RedisJobStore
+
+    s = RedisJobStore(cluster.queue_url, cluster.data_dir)
+    yield s
+    s.close()

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.jobs.redis_store import RedisJobStore
 from tests.distributed.conftest import needs_redis
 from tests.local_cluster import ROOT, LocalCluster, sample_conversation, sample_wav
 
@@ -37,30 +36,8 @@ TERMINAL = ("succeeded", "failed")
 def cluster(tmp_path_factory):
     env = {"MERC_VISIBILITY_TIMEOUT_S": "3", "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "2"}
     env["MERC_DEFAULT_MODEL"] = MODEL
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, **env)
-    try:  # LocalCluster's steps with more patience: models load slowly on a shared, loaded host
-        c.start_redis()
-        for _ in range(2):
-            c.start_worker(wait=False)
-        c.start_api(timeout=600)
-        for i in range(2):
-            c.wait_worker_ready(i, timeout=600)
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, ready_timeout=600, **env) as c:
         yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def api(cluster: LocalCluster):
-    with httpx.Client(base_url=cluster.api_url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def store(cluster: LocalCluster):
-    s = RedisJobStore(cluster.queue_url, cluster.data_dir)
-    yield s
-    s.close()
 
 
 def submit_text(api: httpx.Client, n: int = 40) -> str:

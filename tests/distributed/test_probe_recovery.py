@@ -1,0 +1,84 @@
+"""Issue 21's probe, replayed on the compose deployment as local processes (redis-server,
+``merc serve`` in distributed mode, two ``merc worker``): readiness with a default model the
+catalogue lacks (F9), a failed append sent with ``?wait=0`` (F3), a worker killed with SIGKILL
+mid-job (F5) and mid-append, with a visibility timeout under 60 s (F6).
+
+The visibility timeout is 30 s: recovery within a few heartbeats (0.5 s) is told apart from
+the broker's redelivery. Skips when redis-server or the bundle is absent.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from service.jobs.redis_store import RedisJobStore
+from tests.distributed.conftest import needs_redis
+from tests.local_cluster import ROOT, LocalCluster, Proc, free_port, merc_command, sample_conversation, wait_until
+
+MODEL = "sdt-meld7"  # a MiniLM bundle: the fastest text encoder keeps the test short
+VISIBILITY_S = 30.0
+pytestmark = [
+    needs_redis,
+    pytest.mark.slow,
+    pytest.mark.skipif(not (ROOT / "weights" / MODEL).exists(), reason=f"bundle {MODEL} not present"),
+]
+TERMINAL = ("succeeded", "failed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    env = {"MERC_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "3"}
+    env |= {"MERC_DEFAULT_MODEL": MODEL, "MERC_JOB_TIMEOUT_S": "120"}
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, ready_timeout=600, **env) as c:
+        yield c
+
+
+def poll(api: httpx.Client, path: str, timeout: float) -> dict:
+    """GET ``path`` until its status is succeeded or failed (AssertionError naming it after ``timeout``)."""
+    deadline, doc = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline:
+        doc = api.get(path).json()
+        if doc.get("status") in TERMINAL:
+            return doc
+        time.sleep(0.3)
+    raise AssertionError(f"{path} not finished after {timeout} s: {doc.get('status')}")
+
+
+def conversation(api: httpx.Client, n: int, tag: str) -> str:
+    """A succeeded conversation of ``n`` turns (ids u0..)."""
+    r = api.post("/v1/conversations", params={"wait": 60}, json=sample_conversation(n, tag=tag))
+    assert r.status_code in (200, 202), r.text
+    assert poll(api, f"/v1/conversations/{r.json()['id']}", 240)["status"] == "succeeded"
+    return r.json()["id"]
+
+
+def kill_holder(cluster: LocalCluster, store: RedisJobStore, job_id: str) -> str:
+    """SIGKILL the worker running ``job_id`` once it runs; start a replacement; the dead one's name."""
+    wait_until(lambda: store.status(job_id) == "running", 60, f"job {job_id} running")
+    holder = store.get(job_id)["worker"]
+    victim = next(w for w in cluster.workers if w.alive() and holder.startswith(w.name.replace("worker", "w") + "@"))
+    victim.kill()
+    cluster.start_worker(wait=False)
+    return holder
+
+
+def test_readyz_is_503_naming_a_default_model_the_catalogue_lacks(cluster: LocalCluster, api) -> None:
+    """F9: live workers, but every request naming no model would get 422 "no model"."""
+    assert api.get("/readyz").status_code == 200
+    port = free_port()
+    cmd = merc_command("serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
+    env = {**cluster.env, "MERC_DEFAULT_MODEL": "no-such-bundle"}
+    second = Proc("api-nomodel", cmd, env, cluster.logs).start()
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        wait_until(lambda: httpx.get(url, timeout=5).status_code in (200, 503), 120, "API 2", second)
+        r = httpx.get(url, timeout=5)
+        assert r.status_code == 503 and r.headers["content-type"].startswith("application/problem+json"), r.text
+        body = r.json()
+        assert body["checks"] == {"workers_alive": True, "default_model_available": False}, body
+        assert "no-such-bundle" in body["detail"] and "default_model_available" in body["detail"]
+    finally:
+        second.stop()
