@@ -2,7 +2,8 @@
 
 Besides ``type``, ``title``, ``status`` and ``detail``, a problem about the request body
 names the offending field twice: ``field`` (``utterances[2].end``) and ``pointer``
-(the JSON pointer ``/utterances/2/end``).
+(the JSON pointer ``/utterances/2/end``). A request the job store cannot serve (Redis gone,
+stopped or loading) is answered 503 ``store-unavailable`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from service import metrics
+from service.jobs.redis_store import UNAVAILABLE
 
 log = logging.getLogger("merc.api")
 PROBLEM_JSON = "application/problem+json"
@@ -97,6 +99,15 @@ def validation_problem(errors: Sequence[Any], prefix: Sequence[str | int] = ()) 
     return Problem(422, "invalid-request", f"{first['field']}: {first['detail']}", field=first["field"], errors=listed)
 
 
+RETRY_AFTER_S = 5  # Retry-After of a 503 while the job store (Redis) is unreachable
+
+
+def store_unavailable(exc: Exception) -> Problem:
+    """The 503 of a request the job store could not serve (Redis gone, stopped or loading)."""
+    detail = f"the job store (Redis) is unreachable ({type(exc).__name__}); retry in a few seconds"
+    return Problem(503, "store-unavailable", detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 MAX_INSTANCE = 200  # characters of the request path echoed as ``instance`` (a 100 kB path is not echoed)
 
 
@@ -153,6 +164,13 @@ def install(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(allowed_methods(request))
         detail = str(exc.detail)[:MAX_INSTANCE]
         return problem_response(Problem(exc.status_code, slug, detail, headers=headers), request)
+
+    async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unreachable on %s %s: %r", request.method, request.url.path, exc)
+        return problem_response(store_unavailable(exc), request)
+
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, _store_down)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:

@@ -13,14 +13,19 @@ the job record counts attempts and fails the job with a reason after ``MERC_MAX_
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.jobs.redis_store import UNAVAILABLE
+
+log = logging.getLogger("merc.queue")
 TASK = "merc.run_job"
 QUEUE_NAME = "merc"
 
@@ -35,6 +40,7 @@ class QueueSettings(BaseSettings):
     retention_s: float = Field(7 * 86400.0, gt=0, description="finished jobs (results, media) deleted after this")
     sweep_interval_s: float = Field(60.0, gt=0, description="how often expired jobs are looked for")
     heartbeat_s: float = Field(5.0, gt=0, description="worker liveness refresh; dead after 3 missed beats")
+    redis_timeout_s: float = Field(5.0, gt=0, description="a Redis command unanswered this long fails (503)")
     worker_metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus port of a worker (0: off)")
     worker_name: str | None = Field(None, description="Celery node name [merc@<hostname>]")
 
@@ -109,12 +115,24 @@ def open_store(settings: Any, qs: QueueSettings | None = None, api: bool = False
         return JobStore(settings.data_dir)
     from service.jobs.redis_store import RedisJobStore
 
-    store = RedisJobStore(qs.queue, Path(settings.data_dir))
+    store = RedisJobStore(qs.queue, Path(settings.data_dir), timeout_s=qs.redis_timeout_s)
     store.on_delete = forget
     if api:
-        store.on_create = lambda job_id: dispatch(store, job_id)
-        redispatch_stranded(store)
+        store.on_create = lambda job_id: dispatch_or_defer(store, job_id)
+        try:
+            redispatch_stranded(store)
+        except UNAVAILABLE:  # Redis away at start: the API starts, answers 503, sends them later
+            log.warning("Redis unreachable at start: stranded jobs are sent once it is back", exc_info=True)
     return store
+
+
+def dispatch_or_defer(store: Any, job_id: str) -> None:
+    """``dispatch``, or leave the stored job to ``redispatch_stranded`` when the broker refuses it now:
+    the job is accepted (its record exists), so the request must not fail and be sent again."""
+    try:
+        dispatch(store, job_id)
+    except (*UNAVAILABLE, OperationalError):
+        log.warning("job %s stored but not yet sent to the workers; sent again within a minute", job_id)
 
 
 def dispatch(store: Any, job_id: str, celery: Celery | None = None) -> None:

@@ -78,6 +78,7 @@ for _, id in ipairs(ids) do
 end
 return ids
 """
+UNAVAILABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)  # Redis gone, stopped, loading
 _FLOATS = ("created_at", "updated_at", "started_at", "finished_at", "dispatched_at")
 _INTS = ("attempts", "n_utterances")
 LOST = {
@@ -90,14 +91,17 @@ LOST = {
 class RedisJobStore:
     """Jobs shared by the API and every worker host through one Redis."""
 
-    def __init__(self, url: str, data_dir: str | Path, prefix: str = "merc:") -> None:
+    def __init__(self, url: str, data_dir: str | Path, prefix: str = "merc:", timeout_s: float = 5.0) -> None:
         self.url, self.prefix = url, prefix
         self.data_dir = Path(data_dir)
         self.jobs_dir = self.data_dir / "jobs"
         self.tmp_dir = self.data_dir / "tmp"
         for d in (self.data_dir, self.jobs_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.redis = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+        self.redis = redis.Redis.from_url(  # a stopped Redis: TimeoutError after timeout_s, never a hang
+            url, decode_responses=True, health_check_interval=30, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )  # fmt: skip
         self.worker_name = ""  # recorded by start(): set by a worker process to its node name
         # the API sets these to hand new jobs to Celery and to drop Celery's copies of deleted ones
         self.on_create: Callable[[str], None] | None = None

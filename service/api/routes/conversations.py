@@ -17,6 +17,7 @@ from service.api.errors import Problem, validation_problem
 from service.api.media import inspect_media
 from service.api.multipart import FormParts, read_form
 from service.api.schemas import AppendIn, AppendOut, AppendPending, ConversationIn, JobOut
+from service.jobs.redis_store import UNAVAILABLE
 from service.jobs.store import FAILED, SUCCEEDED, Busy, JobStore
 from service.jobs.worker import APPEND, create_append, error_status
 from service.settings import Settings
@@ -120,10 +121,15 @@ async def create_conversation(
         wait = 0.0 if media else settings.text_wait_s
     if any((m.get("duration") or 0) > settings.sync_media_max_s for m in media.values()):
         wait = 0.0
-    status = await request.app.state.waiter.wait(store, job_id, min(wait, settings.max_wait_s))
-    job = await run_in_threadpool(store.get, job_id)
+    location = {"Location": job_json_path(job_id)}
+    try:
+        status = await request.app.state.waiter.wait(store, job_id, min(wait, settings.max_wait_s))
+        job = await run_in_threadpool(store.get, job_id)
+    except UNAVAILABLE:  # the job is stored (accepted): the client polls it, never sends it again
+        body = {"id": job_id, "status": "queued", "links": {"self": location["Location"]}}
+        return JSONResponse(body, status_code=202, headers=location)
     code = 200 if status in (SUCCEEDED, FAILED) else 202
-    return JSONResponse(submit.job_json(store, job), status_code=code, headers={"Location": job_json_path(job_id)})
+    return JSONResponse(submit.job_json(store, job), status_code=code, headers=location)
 
 
 def job_json_path(job_id: str) -> str:

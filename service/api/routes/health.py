@@ -11,7 +11,8 @@ from fastapi.responses import PlainTextResponse, Response
 from service import metrics
 from service.api import catalogue
 from service.api.deps import SettingsDep, StoreDep, WorkerDep
-from service.api.errors import Problem
+from service.api.errors import Problem, store_unavailable
+from service.jobs.redis_store import UNAVAILABLE
 from service.settings import Settings
 
 router = APIRouter(tags=["health"])
@@ -37,7 +38,12 @@ async def readyz(request: Request, settings: SettingsDep, store: StoreDep, worke
     no model would be refused)."""
     unusable = default_model_problem(settings)
     if getattr(request.app.state, "distributed", False):
-        live = await run_in_threadpool(store.live_workers)
+        try:
+            live = await run_in_threadpool(store.live_workers)
+        except UNAVAILABLE as e:
+            checks = {"store_reachable": False, "default_model_available": unusable is None}
+            why = store_unavailable(e)
+            raise Problem(503, "not-ready", f"not ready: {why.detail}", headers=why.headers, checks=checks) from None
         checks = {"workers_alive": bool(live), "default_model_available": unusable is None}
         loaded, worker_state = [], f"{len(live)} distributed worker(s)"
     else:
