@@ -125,12 +125,20 @@ class AppendOut(BaseModel):
     timings: dict[str, float]
 
 
-class AppendPending(BaseModel):
-    """An append still queued or running after ?wait: poll the conversation (its n_utterances grows)."""
+class AppendJob(BaseModel):
+    """An append job (the 202 of an append still queued or running after ?wait, and what
+    ``links.self`` answers): queued, running, succeeded with the new turns, or failed with why."""
 
-    id: str
+    id: str = Field(description="the conversation's id")
+    append_id: str = Field(description="this append's id (links.self)")
     status: Status
-    links: dict[str, str]
+    created_at: float
+    updated_at: float
+    attempts: int
+    n_utterances: int = Field(description="turns this append brought")
+    result: AppendOut | None = Field(None, description="the new utterances scored in context, once succeeded")
+    error: dict | None = Field(None, description="problem+json of a failed append")
+    links: dict[str, str] = Field(description="self (poll this) and conversation")
 
 
 class ModelOut(BaseModel):

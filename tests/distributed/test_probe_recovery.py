@@ -82,3 +82,23 @@ def test_readyz_is_503_naming_a_default_model_the_catalogue_lacks(cluster: Local
         assert "no-such-bundle" in body["detail"] and "default_model_available" in body["detail"]
     finally:
         second.stop()
+
+
+def test_a_failed_append_sent_without_waiting_can_be_polled_for_its_reason(api) -> None:
+    """F3: a duplicate id found by the worker; the 202 links the append job, which says why it failed."""
+    conv_id = conversation(api, 2, "f3")
+    turn = {"utterances": [{"id": "u1", "speaker": "A", "text": "a turn reusing an id"}]}
+    r = api.post(f"/v1/conversations/{conv_id}/utterances", params={"wait": 0}, json=turn)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    link = f"/v1/conversations/{conv_id}/utterances/{body['append_id']}"
+    assert r.headers["Location"] == body["links"]["self"] == link and body["id"] == conv_id
+    done = poll(api, link, 120)
+    assert done["status"] == "failed" and done["result"] is None, done
+    error = done["error"]
+    assert error["type"] == "urn:merc:problem:duplicate-id" and error["field"] == "utterances[0].id", error
+    assert "'u1'" in error["detail"]
+    assert api.get(f"/v1/conversations/{conv_id}").json()["n_utterances"] == 2
+    other = conversation(api, 1, "f3b")
+    assert api.get(f"/v1/conversations/{other}/utterances/{body['append_id']}").status_code == 404
+    assert api.get(f"/v1/conversations/{conv_id}/utterances/{conv_id}").status_code == 404  # not an append

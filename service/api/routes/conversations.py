@@ -1,7 +1,9 @@
-"""POST/GET/DELETE /v1/conversations and POST /v1/conversations/{id}/utterances."""
+"""POST/GET/DELETE /v1/conversations, POST /v1/conversations/{id}/utterances and GET of one append."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
@@ -16,7 +18,7 @@ from service.api.deps import QueueRoom, SettingsDep, StoreDep, WorkerDep, requir
 from service.api.errors import Problem, validation_problem
 from service.api.media import inspect_media
 from service.api.multipart import FormParts, read_form
-from service.api.schemas import AppendIn, AppendOut, AppendPending, ConversationIn, JobOut
+from service.api.schemas import AppendIn, AppendJob, AppendOut, ConversationIn, JobOut
 from service.jobs.redis_store import UNAVAILABLE
 from service.jobs.store import FAILED, SUCCEEDED, Busy, JobStore
 from service.jobs.worker import APPEND, create_append, error_status
@@ -25,6 +27,7 @@ from service.settings import Settings
 BodyT = TypeVar("BodyT", bound=BaseModel)
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"], dependencies=[Depends(require_api_key)])
 JobId = Annotated[UUID, PathParam(description="the id returned by POST /v1/conversations")]
+AppendId = Annotated[UUID, PathParam(description="the append_id of POST /v1/conversations/{job_id}/utterances")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": what, "content": {"application/problem+json": {}}}
     for code, what in {
@@ -162,7 +165,7 @@ async def _submit_multipart(request: Request, settings: Settings, store: JobStor
 def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -> tuple[str, dict]:
     transcribe = "transcript" not in parts.fields  # the worker transcribes the media (speech recognition)
     media = {
-        name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds, settings.max_video_pixels)
+        name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds)
         for name, path in parts.files.items()
     }
     if transcribe:
@@ -220,7 +223,10 @@ def delete_conversation(job_id: JobId, store: StoreDep, settings: SettingsDep) -
     "/{job_id}/utterances",
     response_model=AppendOut,
     dependencies=[QueueRoom],
-    responses={202: {"model": AppendPending, "description": "still running after ?wait"}, **_ERRORS},
+    responses={
+        202: {"model": AppendJob, "description": "still running after ?wait: poll Location (links.self)"},
+        **_ERRORS,
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -240,7 +246,9 @@ async def append(
     """Earlier utterances keep their stored features; the new turns are scored by a worker, in context.
 
     Ids and the duplicate check are decided by the worker under the conversation's lock, so
-    parallel appends (from any number of API processes) keep every turn exactly once.
+    parallel appends (from any number of API processes) keep every turn exactly once. Still
+    queued or running after ``wait``: 202 with the append job (Location, ``links.self``) to poll,
+    which ends succeeded with the new turns or failed with the reason.
     """
     if wait is not None and wait > settings.max_wait_s:
         raise Problem(422, "invalid-request", f"wait: at most {settings.max_wait_s:g} seconds", field="wait")
@@ -249,12 +257,14 @@ async def append(
     if worker is not None:
         worker.notify()
     wait = settings.text_wait_s if wait is None else wait
-    status = await request.app.state.waiter.wait(store, append_id, min(wait, settings.max_wait_s))
-    job = await run_in_threadpool(store.get, append_id)
-    location = {"Location": job_json_path(str(job_id))}
-    if job is None or status not in (SUCCEEDED, FAILED):
-        body = {"id": str(job_id), "status": status or "queued", "links": {"conversation": location["Location"]}}
-        return JSONResponse(body, status_code=202, headers=location)
+    try:
+        status = await request.app.state.waiter.wait(store, append_id, min(wait, settings.max_wait_s))
+        job = await run_in_threadpool(store.get, append_id)
+    except UNAVAILABLE:  # the append is stored (accepted): the client polls it, never sends it again
+        status, job = None, None
+    if job is None or status not in (SUCCEEDED, FAILED):  # the client polls the append job itself
+        body = append_json(str(job_id), job or _pending(append_id, len(new.utterances)))
+        return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
     if status == FAILED:
         error = job["error"] or {}
         extra = {k: v for k, v in error.items() if k not in ("type", "title", "status", "detail", "field", "pointer")}
@@ -262,6 +272,45 @@ async def append(
         code = error_status(error)
         raise Problem(code, slug, error.get("detail", "the append failed"), field=error.get("field"), **extra)
     return JSONResponse({"id": str(job_id), **job["result"]})
+
+
+@router.get(
+    "/{job_id}/utterances/{append_id}",
+    response_model=AppendJob,
+    responses=_ERRORS,
+    summary="Status of one append: queued, running, the new turns scored, or why it failed",
+)
+def get_append(job_id: JobId, append_id: AppendId, store: StoreDep) -> JSONResponse:
+    """The append job ``append_id`` of conversation ``job_id`` (404 once the conversation is deleted)."""
+    conv_id = str(job_id)
+    _conversation(store, conv_id)
+    job = store.get(str(append_id))
+    if job is None or job["kind"] != APPEND or append_conversation(store, job["id"]) != conv_id:
+        raise Problem(404, "unknown-append", f"no append {append_id} to conversation {conv_id}", field="append_id")
+    return JSONResponse(append_json(conv_id, job))
+
+
+def append_conversation(store: JobStore, append_id: str) -> str | None:
+    """The conversation an append job adds turns to (from its request.json), or None if unreadable."""
+    try:
+        return str(json.loads((store.job_dir(append_id) / "request.json").read_text())["conversation_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def append_json(conv_id: str, job: dict[str, Any]) -> dict[str, Any]:
+    """The AppendJob document of an append job's store row."""
+    path = f"{job_json_path(conv_id)}/utterances/{job['id']}"
+    keys = ("status", "created_at", "updated_at", "attempts", "n_utterances", "error")
+    result = {"id": conv_id, **job["result"]} if job.get("result") and job["status"] == SUCCEEDED else None
+    body = {"id": conv_id, "append_id": job["id"], **{k: job.get(k) for k in keys}, "result": result}
+    return {**body, "links": {"self": path, "conversation": job_json_path(conv_id)}}
+
+
+def _pending(append_id: str, n: int) -> dict[str, Any]:
+    """A stand-in row for an append whose record could not be read back (it is queued)."""
+    now = time.time()
+    return {"id": append_id, "status": "queued", "created_at": now, "updated_at": now, "attempts": 0, "n_utterances": n}
 
 
 def _queue_append(job_id: str, new: AppendIn, settings: Settings, store: JobStore) -> str:
