@@ -119,8 +119,8 @@ def media_input(job_dir: Path, desc: dict[str, Any]) -> MediaInput:
 
 
 def media_limits(settings: Settings) -> MediaLimits:
-    """The decoding bounds of ``settings`` (MERC_MAX_VIDEO_PIXELS)."""
-    return MediaLimits(max_pixels=settings.max_video_pixels)
+    """The decoding bounds of ``settings`` (MERC_MAX_VIDEO_PIXELS, MERC_MAX_MEDIA_SECONDS)."""
+    return MediaLimits(max_pixels=settings.max_video_pixels, max_seconds=settings.max_media_seconds)
 
 
 def read_request(job_dir: Path) -> dict[str, Any]:

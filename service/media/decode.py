@@ -17,6 +17,8 @@ Anything wrong with a file raises :class:`MediaError` naming the file and the pr
 opened under :class:`MediaLimits` (the process default, set by :func:`set_limits`, or one passed in):
 a video whose stream header declares frames over ``max_pixels`` is refused (:class:`MediaTooLarge`)
 before a frame is decoded; FFmpeg's own probe of the streams never decodes frames past it either.
+Decoding stops with MediaTooLarge once decoded timestamps pass ``max_seconds``, whatever length the
+header declares.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SAMPLE_RATE = 16000
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".flv")
 AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".m4a", ".ogg")
 TRUNCATION_TOLERANCE_S = 1.0
+LENGTH_TOLERANCE_S = 1.0  # decoded media may run this far past MediaLimits.max_seconds (container rounding)
 
 Window = tuple[float, float | None]
 """An utterance's ``(start, end)`` in seconds; ``end=None`` runs to the end of the media."""
@@ -61,9 +64,12 @@ class MediaLimits:
     Attributes:
         max_pixels: largest video frame (width x height) decoded; larger ones are refused from the
             stream header (the service's ``MERC_MAX_VIDEO_PIXELS``).
+        max_seconds: decoding stops, refusing the file, once decoded timestamps pass this (with
+            :data:`LENGTH_TOLERANCE_S`), whatever the header declares (``MERC_MAX_MEDIA_SECONDS``).
     """
 
     max_pixels: int = 2**31 - 1  # FFmpeg's own default (INT_MAX)
+    max_seconds: float = float("inf")
 
 
 _limits = MediaLimits()
@@ -296,7 +302,7 @@ def decode_media(
         streams = [s for s in (audio_stream, video_stream) if s is not None]
         sampler = _FrameSampler(windows, sampling, sink, interval)
         collector = _AudioCollector() if audio_stream is not None else None
-        _demux(container, streams, collector, sampler, windows, path)
+        _demux(container, streams, collector, sampler, windows, path, limits.max_seconds)
         sampler.flush()
         audio = collector.finish() if collector is not None else None
         has_video = bool(container.streams.video)
@@ -310,8 +316,10 @@ def decode_media(
     )
 
 
-def _demux(container, streams, collector, sampler, windows, path: Path) -> None:
-    """The decode loop: each packet of ``streams`` decoded once, frames routed by stream type."""
+def _demux(container, streams, collector, sampler, windows, path: Path, max_seconds: float) -> None:
+    """The decode loop: each packet of ``streams`` decoded once, frames routed by stream type.
+
+    MediaTooLarge as soon as a decoded frame lies past ``max_seconds`` (a header may understate the length)."""
     if not streams:
         return
     origin = container.start_time / 1e6 if container.start_time is not None else 0.0
@@ -324,6 +332,8 @@ def _demux(container, streams, collector, sampler, windows, path: Path) -> None:
             for frame in packet.decode():
                 t = _frame_time(frame, origin, last[index])
                 last[index] = t
+                if t > max_seconds + LENGTH_TOLERANCE_S:
+                    raise _too_long(container, path, t, max_seconds)
                 if packet.stream.type == "video":
                     sampler.add(frame, t)
                 else:
@@ -332,9 +342,19 @@ def _demux(container, streams, collector, sampler, windows, path: Path) -> None:
                     done.add(index)
             if len(done) == len(streams):
                 return
+    except MediaError:
+        raise
     except (av.FFmpegError, OSError, ValueError) as e:
         raise MediaError(f"{path}: corrupt or truncated media near {max(last.values()):.2f} s ({e})") from None
     _check_complete(container, last, path)
+
+
+def _too_long(container, path: Path, t: float, max_seconds: float) -> MediaTooLarge:
+    declared = f"its header declares {container.duration / 1e6:.1f} s" if container.duration else "no length declared"
+    return MediaTooLarge(
+        f"{path}: the media runs past the limit of {max_seconds:g} s (MERC_MAX_MEDIA_SECONDS; {declared}); "
+        f"decoding stopped at {t:.1f} s"
+    )
 
 
 def _check_complete(container, last: dict[int, float], path: Path) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.api.conftest import assert_problem, conversation
-from tests.service.media_helpers import huge_frame_video
+from tests.api.test_restart import wait_status
+from tests.service.media_helpers import huge_frame_video, tone, understate_duration, write_m4a
 
 KEY = "test-key-123"
 GOOD = conversation(2)
@@ -21,7 +22,8 @@ GOOD = conversation(2)
 
 @pytest.fixture(scope="module")
 def server(server_factory):
-    return server_factory(MERC_API_KEYS=f"{KEY},other-key", MERC_MAX_UPLOAD_MB="0.5", MERC_MAX_UTTERANCES="40")
+    limits = {"MERC_MAX_UPLOAD_MB": "0.5", "MERC_MAX_UTTERANCES": "40", "MERC_MAX_MEDIA_SECONDS": "10"}
+    return server_factory(MERC_API_KEYS=f"{KEY},other-key", **limits)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +190,17 @@ def test_frames_over_the_pixel_limit_are_refused_from_the_header(client, server,
     assert body["type"].endswith(":frame-too-large"), body
     assert "16000x16000" in body["detail"] and "MERC_MAX_VIDEO_PIXELS" in body["detail"]
     assert not list((server.data_dir / "tmp").iterdir())
+
+
+def test_media_longer_than_its_header_says_fails_naming_the_limit(client, tmp_path):
+    """Issue 21 F2: an m4a whose mvhd/mdhd/tkhd say 5 s while it holds 30 s passes the submit check
+    (MERC_MAX_MEDIA_SECONDS=10 here); the worker stops decoding past the limit and names it."""
+    lying = understate_duration(write_m4a(tmp_path / "lying.m4a", tone(30.0)), 5.0)
+    r = post_media(client, {"audio": ("a.m4a", lying.read_bytes(), "audio/mp4")})  # no transcript: speech recognition
+    assert r.status_code == 202 and r.json()["media"]["audio"]["duration"] == pytest.approx(5.0), r.text
+    job = wait_status(client, r.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "failed" and job["error"]["status"] == 422, job
+    assert "MERC_MAX_MEDIA_SECONDS" in job["error"]["detail"] and "10 s" in job["error"]["detail"], job["error"]
 
 
 def test_unknown_model_in_multipart(client, server):

@@ -102,3 +102,29 @@ def huge_frame_video(path: Path, width: int = 16000, height: int = 16000) -> Pat
         packet.is_keyframe = True
         out.mux(packet)
     return path
+
+
+def write_m4a(path: Path, signal: np.ndarray, rate: int = 16000) -> Path:
+    """Mono AAC in an M4A (``ftyp M4A``) container."""
+    with av.open(str(path), "w", format="ipod") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        for i in range(0, len(signal), 16384):
+            frame = av.AudioFrame.from_ndarray(signal[None, i : i + 16384], format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, i, Fraction(1, rate)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def understate_duration(path: Path, seconds: float) -> Path:
+    """Rewrite the mvhd, mdhd and tkhd durations of an MP4/M4A (version 0 boxes) to say ``seconds``."""
+    data = bytearray(path.read_bytes())
+    movie = data.index(b"mvhd") + 4  # version, flags, creation, modification, timescale, duration
+    movie_scale = int.from_bytes(data[movie + 12 : movie + 16], "big")
+    media = data.index(b"mdhd") + 4  # the same layout, in the track's timescale
+    media_scale = int.from_bytes(data[media + 12 : media + 16], "big")
+    track = data.index(b"tkhd") + 4  # version, flags, creation, modification, track id, reserved, duration
+    for at, scale in ((movie + 16, movie_scale), (media + 16, media_scale), (track + 20, movie_scale)):
+        data[at : at + 4] = round(seconds * scale).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    return path

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
 from service.media.decode import FrameSampling, MediaError, MediaLimits, MediaTooLarge, cut, decode_media, set_limits
-from tests.service.media_helpers import huge_frame_video, tone, write_video, write_wav
+from tests.service.media_helpers import (
+    huge_frame_video,
+    tone,
+    understate_duration,
+    write_m4a,
+    write_video,
+    write_wav,
+)
 
 
 def ramp_wav(path: Path, n: int = 48000) -> np.ndarray:
@@ -101,3 +109,15 @@ def test_frames_over_the_pixel_limit_are_refused_from_the_header(tmp_path: Path)
         assert decode_media(small, [(0.0, None)]).audio is None  # audio only: frames are never decoded
     finally:
         set_limits(MediaLimits())
+
+
+def test_decoding_stops_at_the_length_limit_whatever_the_header_says(tmp_path: Path) -> None:
+    """Issue 21 F2: an m4a whose mvhd/mdhd/tkhd say 1 s while it holds 20 s is stopped past the limit."""
+    lying = understate_duration(write_m4a(tmp_path / "lying.m4a", tone(20.0)), 1.0)
+    with av.open(str(lying)) as container:
+        assert container.duration / 1e6 == pytest.approx(1.0, abs=0.05)  # what the API's probe sees
+    with pytest.raises(MediaTooLarge, match=r"lying\.m4a: .*limit of 5 s \(MERC_MAX_MEDIA_SECONDS.*stopped at 6\.\d s"):
+        decode_media(lying, [(0.0, None)], limits=MediaLimits(max_seconds=5.0))
+    whole = decode_media(lying, [(0.0, None)], limits=MediaLimits(max_seconds=60.0))
+    assert len(whole.audio) / 16000 == pytest.approx(20.0, abs=0.1)
+    assert decode_media(lying, [(0.0, 2.0)], limits=MediaLimits(max_seconds=5.0)).audio is not None  # stops at 2 s
