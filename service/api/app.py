@@ -20,7 +20,7 @@ from service.api.routes import models as models_route
 from service.api.schemas import AppendIn, ConversationIn
 from service.api.waiter import JobWaiter
 from service.jobs.callbacks import Deliverer
-from service.jobs.celery_app import get_queue_settings, open_store
+from service.jobs.celery_app import LostJobs, get_queue_settings, open_store
 from service.jobs.retention import start_sweeper
 from service.jobs.worker import CALLBACK_HOOKS, FINISH_HOOKS, InProcessWorker
 from service.settings import Settings, get_settings
@@ -47,6 +47,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("interrupted jobs: %s", recovered)
     metrics.watch_queue(store.depth)
     distributed = qs.queue is not None
+    if distributed:  # jobs of dead workers go back to the queue within seconds
+        LostJobs(store, settings.max_attempts, 3 * qs.heartbeat_s).start(qs.heartbeat_s)
     worker = InProcessWorker(store, settings, settings.workers) if settings.workers and not distributed else None
     if worker is not None:
         worker.start()

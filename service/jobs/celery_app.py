@@ -8,12 +8,17 @@ stay on the shared volume, job state in the Redis job store (``service.jobs.redi
 Delivery guarantees: a message is acknowledged after the job ran (``acks_late``); a worker
 killed mid-job never acknowledges it, so Redis hands it to another worker once
 ``MERC_VISIBILITY_TIMEOUT_S`` has passed (keep it above the longest job, ``MERC_JOB_TIMEOUT_S``);
-the job record counts attempts and fails the job with a reason after ``MERC_MAX_ATTEMPTS``.
+sooner, ``LostJobs`` (in the API and every worker) requeues and sends again a job whose worker's
+heartbeat expired. The job record counts attempts and fails the job with a reason after
+``MERC_MAX_ATTEMPTS``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -147,6 +152,57 @@ def redispatch_stranded(store: Any, older_than_s: float = 30.0, celery: Celery |
     for job_id in stranded:
         dispatch(store, job_id, celery)
     return stranded
+
+
+class LostJobs:
+    """Finds running jobs whose worker died (its heartbeat expired) and requeues them at once, or fails
+    them with a reason after ``max_attempts``, instead of waiting for the broker's visibility timeout.
+
+    Every API process and worker runs one (``step`` once per heartbeat); the store moves each job
+    once. After Redis was unreachable, live workers' beats may have lapsed: no job is judged lost
+    until Redis has answered for a whole heartbeat TTL, time for every live worker to beat again."""
+
+    def __init__(
+        self, store: Any, max_attempts: int, ttl_s: float, send: Callable[[Any, str], None] | None = None
+    ) -> None:
+        self.store, self.max_attempts, self.ttl_s = store, max_attempts, ttl_s
+        self.send = send or dispatch_or_defer  # a requeued job's new message
+        self._watching_since = self._last_look = 0.0
+
+    def step(self) -> dict[str, list[str]]:
+        """One look; the ids requeued (and sent to the workers again) and failed."""
+        now = time.monotonic()
+        if now - self._last_look > self.ttl_s:  # first look, or none for a while (Redis away): wait a TTL
+            self._watching_since = now
+        try:
+            self.store.redis.ping()
+            self._last_look = now
+            if now - self._watching_since < self.ttl_s:
+                return {"requeued": [], "failed": []}
+            moved = self.store.recover_lost(self.max_attempts)
+            for job_id in moved["requeued"]:
+                self.send(self.store, job_id)
+        except UNAVAILABLE:
+            return {"requeued": [], "failed": []}
+        for what, ids in moved.items():
+            if ids:
+                log.warning("jobs of dead workers %s: %s", what, ", ".join(ids))
+        return moved
+
+    def start(self, interval_s: float) -> threading.Thread:
+        """A daemon thread calling ``step`` every ``interval_s`` seconds (the API's)."""
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.step()
+                except Exception:  # never let the watch die
+                    log.warning("lost-job watch failed", exc_info=True)
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=loop, name="merc-lost-jobs", daemon=True)
+        thread.start()
+        return thread
 
 
 def forget(job_id: str, celery: Celery | None = None) -> None:

@@ -12,7 +12,8 @@ adds what a fleet of processes needs:
 * a heartbeat thread marks the worker alive in Redis; retention sweeps (one process per
   interval, see ``service.jobs.retention``) and callback delivery (``service.jobs.callbacks``) run here too;
 * a redelivered message whose job is still ``running`` means the worker running it died:
-  the job is requeued, or failed with a reason after ``MERC_MAX_ATTEMPTS`` attempts;
+  the job is requeued, or failed with a reason after ``MERC_MAX_ATTEMPTS`` attempts; the
+  heartbeat thread does the same, sooner, for any job whose worker's heartbeat expired;
 * job-level Prometheus metrics on ``MERC_WORKER_METRICS_PORT``; JSON logs with the job id.
 """
 
@@ -31,7 +32,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from service import metrics
 from service.gpu import pick_device, renew_slot
 from service.jobs.callbacks import Deliverer
-from service.jobs.celery_app import app, get_queue_settings, open_store, redispatch_stranded
+from service.jobs.celery_app import LostJobs, app, get_queue_settings, open_store, redispatch_stranded
 from service.jobs.redis_store import RedisJobStore
 from service.jobs.retention import sweep_round
 from service.jobs.sandbox import ChildRunner
@@ -97,7 +98,7 @@ def handle(job_id: str, me: str, settings: Settings, jobs: RedisJobStore | None 
         return None
     if status == RUNNING:
         holder = jobs.holder(job_id)
-        if holder != me and jobs.alive(holder):
+        if holder != me and jobs.holder_alive(job_id):
             raise StillRunning(holder)
         status = jobs.requeue_lost(job_id, settings.max_attempts)
         LOST.inc()
@@ -166,12 +167,15 @@ def _on_consuming(**_: Any) -> None:
 
 
 def _heartbeat(name: str) -> None:
-    """Keep ``name`` alive in Redis; now and then delete jobs past their retention."""
+    """Keep ``name`` alive in Redis; requeue the jobs of dead workers; now and then delete jobs
+    past their retention."""
     qs = get_queue_settings()
     last_sweep = 0.0
+    lost = LostJobs(store(), get_settings().max_attempts, 3 * qs.heartbeat_s)
     while True:
         try:
             store().beat(name, 3 * qs.heartbeat_s)
+            LOST.inc(sum(len(ids) for ids in lost.step().values()))
             if _STATE.get("gpu") and not renew_slot(store().redis, _STATE["gpu"], name, 3 * qs.heartbeat_s):
                 log.warning("lost the claim on GPU %s (Redis was away longer than the TTL)", _STATE["gpu"])
             if time.monotonic() - last_sweep >= qs.sweep_interval_s:

@@ -7,10 +7,10 @@ file systems, and an API restart or a second API replica sees every job at once.
 
 Layout (``prefix`` defaults to ``merc:``)::
 
-    merc:job:<id>            hash: status, model, kind, times, attempts, worker, error (JSON), ...
+    merc:job:<id>            hash: status, model, kind, times, attempts, worker and its run, error (JSON), ...
     merc:status:<status>     sorted set of ids per status, scored by the time they entered it
     merc:finished            sorted set of finished ids, scored by finish time (retention)
-    merc:alive:<worker>      key with a TTL, refreshed by each live worker (see ``beat``)
+    merc:alive:<worker>      the worker's run id, with a TTL refreshed while it lives (see ``beat``)
     merc:lease:<name>        a lock with an expiry (per-conversation appends, the retention sweeper)
     merc:outbox:<id>         a callback delivery (url, body, attempts); merc:outbox:due scores them
     <data_dir>/jobs/<id>/    request.json, media, features.npz, result.json (by reference; an
@@ -66,6 +66,24 @@ if cur[1] ~= 'succeeded' or (ARGV[1] ~= '' and cur[2] ~= ARGV[1]) then return 0 
 redis.call('HSET', KEYS[1], 'n_utterances', ARGV[2], 'result_file', ARGV[3], 'updated_at', ARGV[4])
 return 1
 """
+_LOST = """
+local job = redis.call('HMGET', KEYS[1], 'status', 'worker', 'run', 'attempts', 'id')
+if job[1] ~= 'running' then return 0 end
+local beat = false
+if job[2] and job[2] ~= '' then beat = redis.call('GET', ARGV[1] .. 'alive:' .. job[2]) end
+if beat and (not job[3] or beat == job[3]) then return 0 end
+local attempts, new = tonumber(job[4] or '0'), 'queued'
+if attempts >= tonumber(ARGV[2]) then new = 'failed' end
+redis.call('ZREM', ARGV[1] .. 'status:running', job[5])
+redis.call('ZADD', ARGV[1] .. 'status:' .. new, ARGV[3], job[5])
+redis.call('HSET', KEYS[1], 'status', new, 'updated_at', ARGV[3])
+if new == 'failed' then
+  redis.call('ZADD', ARGV[1] .. 'finished', ARGV[3], job[5])
+  redis.call('HSET', KEYS[1], 'finished_at', ARGV[3], 'error', (string.gsub(ARGV[4], '{n}', tostring(attempts))))
+  return 2
+end
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -103,6 +121,7 @@ class RedisJobStore:
             socket_connect_timeout=timeout_s,
         )  # fmt: skip
         self.worker_name = ""  # recorded by start(): set by a worker process to its node name
+        self.incarnation = uuid.uuid4().hex[:12]  # this process's run: a restart under the same name is another
         # the API sets these to hand new jobs to Celery and to drop Celery's copies of deleted ones
         self.on_create: Callable[[str], None] | None = None
         self.on_delete: Callable[[str], None] | None = None
@@ -110,6 +129,7 @@ class RedisJobStore:
         self._update = self.redis.register_script(_UPDATE)
         self._release = self.redis.register_script(_RELEASE)
         self._claim = self.redis.register_script(_CLAIM)
+        self._lost = self.redis.register_script(_LOST)
 
     # ------------------------------------------------------------ the JobStore interface
 
@@ -148,9 +168,10 @@ class RedisJobStore:
         return self.redis.hget(self._key(job_id), "status")
 
     def start(self, job_id: str) -> bool:
-        """queued -> running, atomically across hosts; counts the attempt and records the worker."""
+        """queued -> running, atomically across hosts; counts the attempt and records the worker (name and run)."""
         now = time.time()
-        return self._transition(job_id, QUEUED, RUNNING, attempt=True, started_at=now, worker=self.worker_name)
+        fields = {"started_at": now, "worker": self.worker_name, "run": self.incarnation}
+        return self._transition(job_id, QUEUED, RUNNING, attempt=True, **fields)
 
     def finish(self, job_id: str, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
         """running -> succeeded (result written to result.json) or failed (with ``error``);
@@ -289,9 +310,27 @@ class RedisJobStore:
             return FAILED
         return QUEUED if self._transition(job_id, RUNNING, QUEUED) else self.status(job_id)
 
+    def recover_lost(self, max_attempts: int) -> dict[str, list[str]]:
+        """Running jobs whose worker's heartbeat expired (or that a worker restarted under the same
+        name started in its earlier run): back to queued, or failed after ``max_attempts``. Each
+        check and move is one Lua script, so concurrent callers move a job once."""
+        error = json.dumps(LOST)  # {n} becomes the attempts in the script
+        out: dict[str, list[str]] = {"requeued": [], "failed": []}
+        for job_id in self.redis.zrange(self._status_key(RUNNING), 0, -1):
+            moved = self._lost(keys=[self._key(job_id)], args=[self.prefix, max_attempts, time.time(), error])
+            if moved:
+                out["requeued" if moved == 1 else "failed"].append(job_id)
+        return out
+
     def holder(self, job_id: str) -> str:
         """The worker that last started the job ('' if none)."""
         return self.redis.hget(self._key(job_id), "worker") or ""
+
+    def holder_alive(self, job_id: str) -> bool:
+        """Whether the run of the worker that started the job still beats."""
+        worker, run = self.redis.hmget(self._key(job_id), "worker", "run")
+        beat = self.redis.get(self.prefix + "alive:" + worker) if worker else None
+        return beat is not None and (not run or beat == run)
 
     def mark_dispatched(self, job_id: str) -> None:
         self.redis.hset(self._key(job_id), "dispatched_at", time.time())
@@ -311,8 +350,8 @@ class RedisJobStore:
         return self.redis.zrangebyscore(self.prefix + "finished", "-inf", time.time() - retention_s)
 
     def beat(self, worker: str, ttl_s: float) -> None:
-        """Say that ``worker`` is alive for the next ``ttl_s`` seconds."""
-        self.redis.set(self.prefix + "alive:" + worker, time.time(), px=int(ttl_s * 1000))
+        """Say that ``worker`` (this run of it) is alive for the next ``ttl_s`` seconds."""
+        self.redis.set(self.prefix + "alive:" + worker, self.incarnation, px=int(ttl_s * 1000))
 
     def alive(self, worker: str) -> bool:
         return bool(worker) and self.redis.exists(self.prefix + "alive:" + worker) == 1

@@ -20,6 +20,7 @@ from tests.local_cluster import ROOT, LocalCluster, Proc, free_port, merc_comman
 
 MODEL = "sdt-meld7"  # a MiniLM bundle: the fastest text encoder keeps the test short
 VISIBILITY_S = 30.0
+JOB_TIMEOUT_S = 300.0  # a 400-turn job took 100 s on this loaded 2-core host
 pytestmark = [
     needs_redis,
     pytest.mark.slow,
@@ -31,7 +32,7 @@ TERMINAL = ("succeeded", "failed")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {"MERC_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "3"}
-    env |= {"MERC_DEFAULT_MODEL": MODEL, "MERC_JOB_TIMEOUT_S": "120"}
+    env |= {"MERC_DEFAULT_MODEL": MODEL, "MERC_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
     with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, ready_timeout=600, **env) as c:
         yield c
 
@@ -102,3 +103,17 @@ def test_a_failed_append_sent_without_waiting_can_be_polled_for_its_reason(api) 
     other = conversation(api, 1, "f3b")
     assert api.get(f"/v1/conversations/{other}/utterances/{body['append_id']}").status_code == 404
     assert api.get(f"/v1/conversations/{conv_id}/utterances/{conv_id}").status_code == 404  # not an append
+
+
+def test_a_killed_workers_job_leaves_running_within_heartbeats(cluster: LocalCluster, api, store) -> None:
+    """F5: the holder's heartbeat expires in 1.5 s; the job is requeued long before the broker's
+    visibility timeout would hand its message out again, then runs on the other worker."""
+    r = api.post("/v1/conversations", params={"wait": 0}, json=sample_conversation(400, tag="f5"))
+    job_id = r.json()["id"]
+    holder = kill_holder(cluster, store, job_id)
+    killed = time.monotonic()
+    wait_until(lambda: store.get(job_id)["worker"] != holder or store.status(job_id) != "running", 20, "requeue")
+    assert time.monotonic() - killed < VISIBILITY_S - 5
+    job = poll(api, f"/v1/conversations/{job_id}", 2 * JOB_TIMEOUT_S)
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert store.get(job_id)["worker"] != holder

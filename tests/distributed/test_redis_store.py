@@ -121,3 +121,47 @@ def test_sweep_deletes_expired_jobs_with_their_files(store: RedisJobStore) -> No
     assert sweep_expired(store, retention_s=0.2) == [done]
     assert store.get(done) is None and not store.job_dir(done).exists()
     assert store.get(running)["status"] == RUNNING and store.job_dir(running).exists()
+
+
+def test_jobs_of_a_dead_or_restarted_worker_are_requeued_then_failed(store: RedisJobStore) -> None:
+    """Issue 21 F5: a running job whose worker's heartbeat expired leaves ``running`` at once
+    (not at the broker's visibility timeout); so does one whose worker restarted under the same
+    name (another run); a job of a live worker stays."""
+    dead, restarted, live = _job(store), _job(store), _job(store)
+    for job_id, worker in ((dead, "dead@h"), (restarted, "w2@h"), (live, "w3@h")):
+        store.worker_name = worker
+        store.start(job_id)
+    store.beat("dead@h", ttl_s=0.3)
+    store.beat("w3@h", ttl_s=30)
+    later_run = RedisJobStore(store.url, store.data_dir, prefix=store.prefix)  # w2@h, started again
+    later_run.beat("w2@h", ttl_s=30)
+    assert store.recover_lost(max_attempts=2) == {"requeued": [restarted], "failed": []}
+    time.sleep(0.4)
+    assert sorted(store.recover_lost(max_attempts=2)["requeued"]) == [dead]
+    assert store.status(live) == RUNNING and store.status(dead) == QUEUED
+    store.worker_name = "dead@h"
+    store.start(dead)  # second attempt, on a worker that dies too
+    assert store.recover_lost(max_attempts=2) == {"requeued": [], "failed": [dead]}
+    error = store.get(dead)["error"]
+    assert error["type"] == "urn:merc:problem:worker-lost" and "2 times" in error["detail"], error
+    assert store.expired(0) == [dead]  # finished: retention applies
+    later_run.close()
+
+
+def test_the_lost_job_watch_waits_a_heartbeat_ttl_after_redis_was_away(store: RedisJobStore) -> None:
+    """After an outage every live worker's beat may have lapsed: nothing is judged lost until
+    Redis has answered for a whole TTL (time for live workers to beat again)."""
+    from service.jobs.celery_app import LostJobs
+
+    job_id = _job(store)
+    store.worker_name = "gone@h"
+    store.start(job_id)
+    sent: list[str] = []
+    watch = LostJobs(store, max_attempts=3, ttl_s=0.5, send=lambda _store, job_id: sent.append(job_id))
+    assert watch.step() == {"requeued": [], "failed": []}  # first look: wait a TTL
+    assert store.status(job_id) == RUNNING
+    time.sleep(0.3)
+    assert watch.step()["requeued"] == []
+    time.sleep(0.3)
+    assert watch.step()["requeued"] == [job_id]
+    assert store.status(job_id) == QUEUED and sent == [job_id]  # and sent to the workers again
