@@ -11,7 +11,8 @@ Layout (``prefix`` defaults to ``merc:``)::
     merc:status:<status>     sorted set of ids per status, scored by the time they entered it
     merc:finished            sorted set of finished ids, scored by finish time (retention)
     merc:alive:<worker>      the worker's run id, with a TTL refreshed while it lives (see ``beat``)
-    merc:lease:<name>        a lock with an expiry (per-conversation appends, the retention sweeper)
+    merc:lease:<name>        a lock with an expiry (per-conversation appends, the retention sweeper);
+                             a worker's names it and run, and stops blocking once that run's beat expires
     merc:outbox:<id>         a callback delivery (url, body, attempts); merc:outbox:due scores them
     <data_dir>/jobs/<id>/    request.json, media, features.npz, result.json (by reference; an
                              appended conversation's result is a new result.<hex>.json, named in
@@ -64,6 +65,15 @@ _UPDATE = """
 local cur = redis.call('HMGET', KEYS[1], 'status', 'n_utterances')
 if cur[1] ~= 'succeeded' or (ARGV[1] ~= '' and cur[2] ~= ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'n_utterances', ARGV[2], 'result_file', ARGV[3], 'updated_at', ARGV[4])
+return 1
+"""
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local holder, run = string.match(cur, '^%x+ (%S+) (%S+)$')
+  if not holder or redis.call('GET', ARGV[3] .. holder) == run then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 _LOST = """
@@ -129,6 +139,7 @@ class RedisJobStore:
         self._update = self.redis.register_script(_UPDATE)
         self._release = self.redis.register_script(_RELEASE)
         self._claim = self.redis.register_script(_CLAIM)
+        self._acquire = self.redis.register_script(_ACQUIRE)
         self._lost = self.redis.register_script(_LOST)
 
     # ------------------------------------------------------------ the JobStore interface
@@ -237,10 +248,18 @@ class RedisJobStore:
     # ------------------------------------------------------------ leases (locks that expire)
 
     def acquire(self, name: str, ttl_s: float) -> str | None:
-        """Take the lease ``name`` for ``ttl_s`` seconds (SET NX PX): its token, or None while held."""
-        token = uuid.uuid4().hex
-        ok = self.redis.set(self.prefix + "lease:" + name, token, nx=True, px=max(1, int(ttl_s * 1000)))
-        return token if ok else None
+        """Take the lease ``name`` for ``ttl_s`` seconds: its token, or None while held.
+
+        A worker's token names it (node name and run): its lease stops blocking as soon as its
+        heartbeat expires (killed, host lost), not at the end of ``ttl_s``."""
+        token = uuid.uuid4().hex + (f" {self.worker_name} {self.incarnation}" if self.worker_name else "")
+        args = [token, max(1, int(ttl_s * 1000)), self.prefix + "alive:"]
+        return token if self._acquire(keys=[self.prefix + "lease:" + name], args=args) == 1 else None
+
+    def lease_holder(self, name: str) -> str:
+        """The worker holding the lease ``name`` ('' if free or held by an API process)."""
+        parts = (self.redis.get(self.prefix + "lease:" + name) or "").split()
+        return parts[1] if len(parts) == 3 else ""
 
     def release(self, name: str, token: str) -> bool:
         return self._release(keys=[self.prefix + "lease:" + name], args=[token]) == 1

@@ -12,15 +12,19 @@ Layout of ``MERC_DATA_DIR``::
                             a crash are swept by ``sweep_tmp``)
 
 Any process may open the store (WAL mode): the API, in-process worker threads, or
-separate worker processes (issue #5). Status moves queued -> running -> succeeded | failed;
-``start`` is atomic, so two workers never run the same job, and ``finish`` only ends a
-running job. ``JobStoreProtocol`` is the interface shared with ``service.jobs.redis_store``.
+separate worker processes (issue #5). A lease names its holder and stops blocking once that
+holder is gone (a killed process here; an expired heartbeat in the Redis store).
+Status moves queued -> running -> succeeded | failed; ``start`` is atomic, so two workers
+never run the same job, and ``finish`` only ends a running job. ``JobStoreProtocol`` is the
+interface shared with ``service.jobs.redis_store``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import sqlite3
 import threading
 import time
@@ -33,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 TMP_MAX_AGE_S = 900.0  # an upload not written to for this long belongs to a dead request
+_HOST = socket.gethostname()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,7 +71,13 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due);
 
 
 class Busy(Exception):
-    """A lease (per-conversation lock) is held by someone else for longer than we may wait."""
+    """A lease (per-conversation lock) is held by someone else for longer than we may wait;
+    ``holder`` names who holds it (a live worker, or '' when unknown)."""
+
+    def __init__(self, name: str, holder: str = "", waited_s: float = 0.0) -> None:
+        held = f"held by {holder}" if holder else "held"
+        super().__init__(f"{name} is {held} (waited {waited_s:g} s)")
+        self.name, self.holder, self.waited_s = name, holder, waited_s
 
 
 @runtime_checkable
@@ -103,6 +114,7 @@ class JobStoreProtocol(Protocol):
     def delete(self, job_id: str) -> bool: ...
     def acquire(self, name: str, ttl_s: float) -> str | None: ...
     def release(self, name: str, token: str) -> bool: ...
+    def lease_holder(self, name: str) -> str: ...
     def lock(self, name: str, ttl_s: float, wait_s: float) -> AbstractContextManager[str]: ...
     def outbox_add(self, job_id: str, url: str, body: dict[str, Any]) -> str: ...
     def outbox_claim(self, limit: int, lease_s: float) -> list[dict[str, Any]]: ...
@@ -276,12 +288,24 @@ class JobStore:
     # ------------------------------------------------------------ leases (locks that expire)
 
     def acquire(self, name: str, ttl_s: float) -> str | None:
-        """Take the lease ``name`` for ``ttl_s`` seconds: its token, or None while someone else holds it."""
-        token, now = uuid.uuid4().hex, time.time()
+        """Take the lease ``name`` for ``ttl_s`` seconds: its token, or None while someone else holds it.
+
+        The token names its holder (host and process id): a lease whose process is gone (killed,
+        crashed) no longer blocks anyone, whatever its ttl."""
+        token, now = f"{uuid.uuid4().hex} {_HOST} {os.getpid()}", time.time()
         with self._tx() as db:
             db.execute("DELETE FROM leases WHERE name = ? AND expires <= ?", (name, now))
+            row = db.execute("SELECT token FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and not _process_alive(row[0]):
+                db.execute("DELETE FROM leases WHERE name = ? AND token = ?", (name, row[0]))
             cur = db.execute("INSERT OR IGNORE INTO leases VALUES (?, ?, ?)", (name, token, now + ttl_s))
         return token if cur.rowcount == 1 else None
+
+    def lease_holder(self, name: str) -> str:
+        """Who holds the lease ``name`` ('host:pid'; '' if free or unknown)."""
+        row = self._db().execute("SELECT token FROM leases WHERE name = ?", (name,)).fetchone()
+        parts = row[0].split() if row else []
+        return f"{parts[1]}:{parts[2]}" if len(parts) == 3 else ""
 
     def release(self, name: str, token: str) -> bool:
         """Give the lease back (only its holder can); False if it had expired or was taken over."""
@@ -338,13 +362,29 @@ class JobStore:
             self._local.db = None
 
 
+def _process_alive(token: str) -> bool:
+    """Whether the process named in a lease token still runs (True when it cannot be told:
+    another host, or a token without holder; then only the lease's expiry frees it)."""
+    parts = token.split()
+    if len(parts) != 3 or parts[1] != _HOST or not parts[2].isdigit():
+        return True
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @contextmanager
 def hold_lease(store: Any, name: str, ttl_s: float, wait_s: float, poll_s: float = 0.02) -> Iterator[str]:
-    """Acquire ``name`` on ``store`` (polling up to ``wait_s``), yield its token, release it."""
+    """Acquire ``name`` on ``store`` (polling up to ``wait_s``), yield its token, release it.
+    Busy names the live holder it waited on."""
     deadline = time.monotonic() + wait_s
     while (token := store.acquire(name, ttl_s)) is None:
         if time.monotonic() >= deadline:
-            raise Busy(name)
+            raise Busy(name, store.lease_holder(name), wait_s)
         time.sleep(poll_s)
     try:
         yield token

@@ -234,7 +234,9 @@ def job_problem(e: Exception, settings: Settings) -> dict[str, Any]:
         detail = f"the job ran longer than MERC_JOB_TIMEOUT_S ({limit:g} s) and was stopped ({e})"
         problem = JobProblem(504, "job-timeout", detail)
     elif isinstance(e, Busy):
-        problem = JobProblem(409, "conversation-busy", "another append to this conversation is still running")
+        holder = f" on {e.holder}" if e.holder else ""
+        detail = f"another append to this conversation is still running{holder} (waited {e.waited_s:g} s)"
+        problem = JobProblem(409, "conversation-busy", detail)
     elif isinstance(e, RemoteError) and e.invalid_input:
         problem = JobProblem(422, "job-invalid-input", str(e))
     elif isinstance(e, (RemoteError, ChildDied)):

@@ -117,3 +117,21 @@ def test_a_killed_workers_job_leaves_running_within_heartbeats(cluster: LocalClu
     job = poll(api, f"/v1/conversations/{job_id}", 2 * JOB_TIMEOUT_S)
     assert job["status"] == "succeeded" and job["attempts"] == 2, job
     assert store.get(job_id)["worker"] != holder
+
+
+def test_an_append_of_a_killed_worker_runs_again_without_waiting_on_its_lease(cluster: LocalCluster, api, store):
+    """F6 (and F3's lost 300-turn append): the append's conversation lease names its dead holder,
+    so the append run again takes it at once instead of failing as conversation-busy."""
+    conv_id = conversation(api, 2, "f6")
+    turns = sample_conversation(302, tag="f6-append")["utterances"][2:]
+    r = api.post(f"/v1/conversations/{conv_id}/utterances", params={"wait": 0}, json={"utterances": turns})
+    assert r.status_code == 202, r.text
+    append_id = r.json()["append_id"]
+    kill_holder(cluster, store, append_id)
+    killed = time.monotonic()
+    done = poll(api, r.headers["Location"], 2 * JOB_TIMEOUT_S)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2 and len(done["result"]["utterances"]) == 300
+    assert time.monotonic() - killed < JOB_TIMEOUT_S  # not after waiting MERC_JOB_TIMEOUT_S on the dead lease
+    full = api.get(f"/v1/conversations/{conv_id}").json()
+    assert full["n_utterances"] == 302 and len({u["id"] for u in full["result"]["utterances"]}) == 302

@@ -121,6 +121,54 @@ def test_a_lock_is_exclusive_across_processes(spec, tmp_path) -> None:
     assert counter.read_text() == "75"
 
 
+def _hold_until_killed(spec: tuple, ready: str) -> None:
+    """A worker process that takes a conversation's lease for ten minutes, beating while it lives."""
+    import threading
+
+    store = open_store(*spec)
+    store.worker_name = "w-held@h"
+    if isinstance(store, RedisJobStore):
+        threading.Thread(target=_beat, args=(store,), daemon=True).start()
+        time.sleep(0.2)
+    assert store.acquire("conversation:held", ttl_s=600)
+    Path(ready).write_text("held")
+    time.sleep(600)
+
+
+def _beat(store: RedisJobStore) -> None:
+    while True:
+        store.beat(store.worker_name, ttl_s=0.5)
+        time.sleep(0.1)
+
+
+def test_the_lease_of_a_killed_holder_blocks_nobody(spec, tmp_path) -> None:
+    """Issue 21 F6: a worker killed inside an append leaves its conversation lease behind (ttl:
+    the job's time limit + 60 s); the append run again must take it at once, not wait that out
+    and fail as conversation-busy. While the holder lives, Busy names it."""
+    open_store(*spec).close()  # create the schema once
+    ready = tmp_path / "ready"
+    holder = mp.get_context("spawn").Process(target=_hold_until_killed, args=(spec, str(ready)))
+    holder.start()
+    store = open_store(*spec)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and time.monotonic() < deadline and holder.is_alive():
+            time.sleep(0.05)
+        with pytest.raises(Busy) as busy, store.lock("conversation:held", ttl_s=5, wait_s=0.2):
+            pass
+        expected = "w-held@h" if spec[0] == "redis" else f":{holder.pid}"
+        assert expected in busy.value.holder and expected in str(busy.value)
+        holder.kill()  # SIGKILL: nothing is released
+        holder.join(10)
+        time.sleep(0.6)  # its heartbeat expires (Redis); its process is gone (SQLite)
+        started = time.monotonic()
+        with store.lock("conversation:held", ttl_s=5, wait_s=2):
+            assert time.monotonic() - started < 1
+    finally:
+        holder.kill()
+        store.close()
+
+
 def test_outbox_claims_retries_and_persists(store, spec) -> None:
     first = store.outbox_add("job-1", "https://example.org/hook", {"id": "job-1", "status": "succeeded"})
     claimed = store.outbox_claim(limit=10, lease_s=30)
