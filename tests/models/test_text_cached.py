@@ -109,14 +109,14 @@ def test_cached_top_layers_equal_the_full_model(tokenizer, kind: str, mode: str)
     if mode == "pairs":
         items = task.items
         idx = list(range(len(items)))
-        expected = model(pad_batch([items[i] for i in idx], tokenizer.pad_token_id))[0]
+        expected = model(pad_batch([items[i] for i in idx], tokenizer.pad_token_id))[0].detach()
     else:
         items = task.chunks
         idx = list(range(len(items)))
         from models.text_chunks import pad_chunks
 
         part = [items[i] for i in idx]
-        expected = model.forward_chunks(pad_chunks(part, tokenizer.pad_token_id, cfg.window.reach), part)[0]
+        expected = model.forward_chunks(pad_chunks(part, tokenizer.pad_token_id, cfg.window.reach), part)[0].detach()
     exact = task._store(items, np.float32, "fp32")
     with torch.no_grad():
         np.testing.assert_allclose(task.forward_cached(model, exact, items, idx)[0], expected, atol=1e-5)
