@@ -11,4 +11,9 @@ done
 if [ ! -d "${MERC_WEIGHTS_DIR:-/weights}" ] || [ -z "$(ls -A "${MERC_WEIGHTS_DIR:-/weights}")" ]; then
   echo "merc: no bundles in ${MERC_WEIGHTS_DIR:-/weights}; mount the weights folder there" >&2
 fi
+# The API image has no torch: it serves only in distributed mode, the jobs running in the worker image.
+if [ "${MERC_IMAGE:-}" = api ] && [ -z "${MERC_QUEUE:-}" ] && [ "${1:-}" = merc ] && [ "${2:-}" = serve ]; then
+  echo "merc: the API image runs no jobs itself; set MERC_QUEUE=redis://... and run the worker image beside it" >&2
+  exit 1
+fi
 exec "$@"

@@ -78,7 +78,7 @@ def test_images_run_as_non_root_with_a_health_check(name: str) -> None:
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK\s", text, flags=re.M)
     assert re.search(r'^VOLUME \[.*"/data".*"/cache"', text, flags=re.M)
-    assert "torch==2.14.1" in text
+    assert ("torch==2.14.1" in text) == (name == "Dockerfile.worker")
     entry = ROOT / "docker" / "entrypoint.sh"
     assert subprocess.run(["sh", "-n", str(entry)]).returncode == 0
 
@@ -95,12 +95,51 @@ def test_dockerfiles_pass_hadolint() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_worker_image_is_cuda_and_api_image_is_cpu() -> None:
+def test_worker_image_is_cuda_and_api_image_has_no_torch() -> None:
     worker = (ROOT / "docker" / "Dockerfile.worker").read_text()
     api = (ROOT / "docker" / "Dockerfile.api").read_text()
-    assert re.search(r"TORCH_INDEX=\S+/whl/cu\d+", worker)
-    assert re.search(r"TORCH_INDEX=\S+/whl/cpu", api)
+    assert re.search(r"TORCH_INDEX:-\S+/whl/cu\d+", worker) and "ARG TORCH_VARIANT=cuda" in worker
+    assert "torch" not in " ".join(re.findall(r"^RUN .*(?:\\\n.*)*", api, flags=re.M)).replace('"import torch"', "")
     assert '"merc", "worker"' in worker and '"merc", "serve"' in api
+
+
+def _compose_with_overrides(*files: Path) -> dict:
+    """Compose's merge of override files, with its ``!reset`` tag (a key removed)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!reset", lambda loader, node: None)
+
+    def merge(base: dict, over: dict) -> dict:
+        for key, value in over.items():
+            if value is None:
+                base.pop(key, None)
+            elif isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = value
+        return base
+
+    doc: dict = {}
+    for f in files:
+        merge(doc, yaml.load(f.read_text(), Loader=Loader))
+    return doc
+
+
+def test_cpu_override_builds_the_cpu_worker_without_a_gpu_reservation() -> None:
+    doc = _compose_with_overrides(COMPOSE, ROOT / "docker-compose.cpu.yml")
+    worker = doc["services"]["worker"]
+    assert (
+        worker["build"]["args"]["TORCH_VARIANT"] == "cpu"
+        and worker["build"]["dockerfile"] == "docker/Dockerfile.worker"
+    )
+    assert "deploy" not in worker and worker["image"] == "merc-worker:cpu"
+    assert worker["environment"]["MERC_DEVICE"] == "cpu" and worker["environment"]["MERC_QUEUE"].startswith("redis://")
+    import jsonschema
+
+    schema = _compose_schema()
+    assert list(jsonschema.validators.validator_for(schema)(schema).iter_errors(doc)) == []
 
 
 def test_build_context_leaves_out_weights_and_the_venv() -> None:

