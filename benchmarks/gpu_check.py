@@ -11,8 +11,8 @@ fatal; the JSON is rewritten after every step, so a run cut short still leaves w
                    optimiser steps with autocast + GradScaler, and again without AMP: seconds per step.
                    Synthetic conversations with random labels: the loss is meaningless, the speed is not.
 ``face_detection`` batched MTCNN (service.features.mtcnn_batched) on ``--device`` against the CPU on the
-                   same frames (faces found, box agreement, frames/s at two batch sizes) and the face CNN
-                   in fp16 against fp32 (largest expression-probability difference).
+                   same frames (faces found, box agreement, frames/s at two batch sizes); the face CNN and
+                   the face reading's mini-Xception in fp16 against fp32 (largest probability difference).
 ``whisper``        faster-whisper with the packaged tiny.en on ``--device`` (float16 on CUDA) against
                    CPU int8: seconds, real-time factor, the words; records a silent fallback to the CPU.
 ``media_pipeline`` benchmarks/media_pipeline.py --device (needs the face video of ../shared/media).
@@ -215,6 +215,14 @@ def step_face_detection(device: str, size: dict[str, int], media: Path) -> dict[
         p_test = torch.softmax(test.expression_logits(hidden).float(), 1).cpu()
     out["face_cnn_dtype"] = str(next(test.parameters()).dtype)
     out["face_cnn_max_prob_diff"] = float((p_ref - p_test).abs().max())
+    from service.features.fer_minixception import load_minixception  # the face reading's classifier
+
+    faces = torch.rand(64, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    ref_reader = load_minixception(torch.device("cpu"), half=False)
+    reader = load_minixception(torch.device(device), half=device.startswith("cuda"))
+    with torch.inference_mode():
+        p_ref, p_test = ref_reader(faces), reader(faces.to(device, next(reader.parameters()).dtype)).cpu()
+    out["face_reading_max_prob_diff"] = float((p_ref - p_test).abs().max())
     return out
 
 

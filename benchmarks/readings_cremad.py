@@ -8,6 +8,11 @@ service sees when a speaker talks several times): the voice model then normalise
 Nothing here is tuned to these clips. Run::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/readings_cremad.py [--markdown]
+
+``--faces`` measures the face reading instead, on every frame of these clips and on the unlabelled
+face media, beside the packaged alternatives that are installed (benchmarks/face_readings.py)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/readings_cremad.py --faces [--models pyemotion,fer-minixception]
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ def top(reading: dict | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--faces", action="store_true", help="face models on every frame (benchmarks/face_readings.py)")
+    ap.add_argument("--models", default=None, help="with --faces: comma-separated candidates (default: all)")
     args = ap.parse_args()
+    if args.faces:
+        from benchmarks.face_readings import main as faces_main
+
+        faces_main(args.markdown, args.models.split(",") if args.models else None)
+        return
     torch.set_num_threads(1)
     rows = list(csv.DictReader((CREMAD / "labels.csv").open()))
     voice = load_voice_model()

