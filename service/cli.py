@@ -445,17 +445,25 @@ def predict(
         Path | None,
         typer.Option(help="JSON conversation (utterances with start/end); omitted: speech recognition makes one"),
     ] = None,
-    bundle: Annotated[str, typer.Option(help="bundle name in weights/ or a bundle folder")] = "sdt-meld7-fast",
+    bundle: Annotated[
+        str | None,
+        typer.Option(
+            help="bundle name in weights/ or a bundle folder [media: MERC_DEFAULT_MEDIA_MODEL, else MERC_DEFAULT_MODEL]"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda")] = "auto",
 ) -> None:
     """Predict one local conversation; per-utterance distributions as JSON on stdout.
 
     Media without --transcript is transcribed offline (Whisper tiny.en, speakers clustered); the
     result's "transcript" says so and how confident it is. A supplied transcript always wins.
+    Without --bundle, media goes to the media default bundle (text and audio), a transcript alone to the default.
     """
+    from service.api.catalogue import default_bundle
     from service.inference.pipeline import run_conversation
     from service.inference.predictor import Predictor
     from service.offline.extraction import media_input
+    from service.settings import get_settings
 
     try:
         if file.suffix.lower() in (".json", ".jsonl"):
@@ -463,7 +471,9 @@ def predict(
         else:
             conv = _read_transcript(transcript) if transcript else None  # None: transcribe the media
             media = media_input(file)
-        result = run_conversation(Predictor(bundle, device), conv, media, device, conv_id=file.stem)
+        s = get_settings()
+        bundle = bundle or default_bundle(s.default_model, s.default_media_model, s.weights_dir, media is not None)
+        result = run_conversation(Predictor(bundle, device, s.weights_dir), conv, media, device, conv_id=file.stem)
     except (DataError, BundleError, ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2))

@@ -21,6 +21,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("merc-data"), description="job store (SQLite), uploaded media, features")
     weights_dir: Path = Field(Path("weights"), description="bundle folders (<name>/manifest.json)")
     default_model: str = Field("sdt-meld7-fast", description="bundle used when a request names none")
+    default_media_model: str = Field(
+        "iteach-meld7-av",
+        description="bundle used when a request with media (video or audio) names none; '' or a bundle that is not "
+        "in weights_dir: default_model",
+    )
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="more bundles loaded at start")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")

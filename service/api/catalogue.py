@@ -40,6 +40,14 @@ def bundle_names(weights_dir: str | Path) -> list[str]:
     return sorted(p.parent.name for p in Path(weights_dir).glob(f"*/{MANIFEST}"))
 
 
+def default_bundle(default_model: str, default_media_model: str, weights_dir: str | Path, media: bool) -> str:
+    """The bundle of a request that names none: ``default_media_model`` for a request with media when
+    that bundle is in ``weights_dir`` (MERC_DEFAULT_MEDIA_MODEL), else ``default_model``."""
+    if media and default_media_model and default_media_model in bundle_names(weights_dir):
+        return default_media_model
+    return default_model
+
+
 _CACHE: dict[Path, tuple[float, BundleInfo]] = {}
 _LOCK = threading.Lock()
 

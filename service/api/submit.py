@@ -25,9 +25,11 @@ def bundle_names(settings: Settings) -> list[str]:
     return catalogue.bundle_names(settings.weights_dir)
 
 
-def resolve_model(name: str | None, settings: Settings, field: str = "model") -> BundleInfo:
-    """The bundle a request asks for (or the default), from its manifest; 422 naming ``field`` if unknown."""
-    name = name or settings.default_model
+def resolve_model(name: str | None, settings: Settings, field: str = "model", media: bool = False) -> BundleInfo:
+    """The bundle a request asks for (or the default for a request with or without ``media``: see
+    catalogue.default_bundle), from its manifest; 422 naming ``field`` if unknown."""
+    s = settings
+    name = name or catalogue.default_bundle(s.default_model, s.default_media_model, s.weights_dir, media)
     available = bundle_names(settings)
     if not catalogue.NAME.match(name) or name not in available:
         raise Problem(422, "unknown-model", f"no model {name!r}; available: {', '.join(available)}", field=field)

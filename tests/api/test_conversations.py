@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from service.settings import Settings
-from tests.api.conftest import MEDIA, assert_problem, conversation
+from tests.api.conftest import MEDIA, ROOT, assert_problem, conversation
 
 DEFAULT = Settings().default_model
 OTHER = "dmd-meld7" if DEFAULT != "dmd-meld7" else "sdt-meld7"  # preloaded, not the default
@@ -159,6 +159,28 @@ def test_media_job_on_a_face_video(client, server):
     folder = server.data_dir / "jobs" / job["id"].replace("-", "")
     assert sorted(p.name for p in folder.iterdir()) == ["features.npz", "request.json", "video.mp4"]
     assert not list((server.data_dir / "tmp").iterdir())
+
+
+@pytest.mark.shared
+def test_media_job_without_a_model_uses_the_media_bundle(client):
+    """An upload naming no model goes to MERC_DEFAULT_MEDIA_MODEL, which reads the sound as well as the words."""
+    video, media_model = MEDIA / "single_face.mp4", Settings().default_media_model
+    if not video.is_file() or not (ROOT / "weights" / media_model / "manifest.json").is_file():
+        pytest.skip(f"../shared/media/single_face.mp4 or weights/{media_model} absent")
+    transcript = {"utterances": [{"speaker": "A", "text": "I'm really happy to see you.", "start": 0.0, "end": 2.4}]}
+    files = {"video": ("clip.mp4", video.read_bytes(), "video/mp4"), "transcript": (None, json.dumps(transcript))}
+    r = client.post("/v1/conversations", params={"wait": 60}, files=files)
+    assert r.status_code in (200, 202), r.text
+    job = client.get(r.headers["location"]).json()
+    for _ in range(600):
+        if job["status"] in ("succeeded", "failed"):
+            break
+        threading.Event().wait(0.1)
+        job = client.get(r.headers["location"]).json()
+    assert job["status"] == "succeeded", job
+    result = job["result"]
+    assert job["model"] == result["model"] == media_model
+    assert result["modalities"]["audio"]["used"] and result["modalities"]["text"]["used"]
 
 
 def test_callback_url_receives_the_finished_job(client):

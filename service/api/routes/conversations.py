@@ -183,7 +183,7 @@ def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -
                 conv = ConversationIn.model_validate({**conv.model_dump(), name: value or None})
             except ValidationError as e:
                 raise validation_problem(e.errors()) from None
-    predictor = submit.resolve_model(conv.model, settings)
+    predictor = submit.resolve_model(conv.model, settings, media=bool(media))
     submit.check_callback(conv.callback_url, settings)
     submit.check_features(conv.utterances, predictor, where)
     submit.check_something_to_score(conv.utterances, bool(media), where)
