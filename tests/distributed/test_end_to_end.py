@@ -35,7 +35,7 @@ TERMINAL = ("succeeded", "failed")
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     env = {"MERC_VISIBILITY_TIMEOUT_S": "3", "MERC_HEARTBEAT_S": "0.5", "MERC_MAX_ATTEMPTS": "2"}
-    env["MERC_DEFAULT_MODEL"] = MODEL
+    env["MERC_DEFAULT_MODEL"] = env["MERC_DEFAULT_MEDIA_MODEL"] = MODEL  # audio jobs too: one bundle to load
     with LocalCluster(tmp_path_factory.mktemp("cluster"), workers=2, ready_timeout=600, **env) as c:
         yield c
 
