@@ -131,12 +131,12 @@ def test_jobs_of_a_dead_or_restarted_worker_are_requeued_then_failed(store: Redi
     for job_id, worker in ((dead, "dead@h"), (restarted, "w2@h"), (live, "w3@h")):
         store.worker_name = worker
         store.start(job_id)
-    store.beat("dead@h", ttl_s=0.3)
-    store.beat("w3@h", ttl_s=30)
     later_run = RedisJobStore(store.url, store.data_dir, prefix=store.prefix)  # w2@h, started again
     later_run.beat("w2@h", ttl_s=30)
+    store.beat("w3@h", ttl_s=30)
+    store.beat("dead@h", ttl_s=2)  # dies now: its beat lapses in 2 s (wide: a loaded host is slow)
     assert store.recover_lost(max_attempts=2) == {"requeued": [restarted], "failed": []}
-    time.sleep(0.4)
+    time.sleep(2.1)
     assert sorted(store.recover_lost(max_attempts=2)["requeued"]) == [dead]
     assert store.status(live) == RUNNING and store.status(dead) == QUEUED
     store.worker_name = "dead@h"
@@ -157,11 +157,11 @@ def test_the_lost_job_watch_waits_a_heartbeat_ttl_after_redis_was_away(store: Re
     store.worker_name = "gone@h"
     store.start(job_id)
     sent: list[str] = []
-    watch = LostJobs(store, max_attempts=3, ttl_s=0.5, send=lambda _store, job_id: sent.append(job_id))
+    watch = LostJobs(store, max_attempts=3, ttl_s=2, send=lambda _store, job_id: sent.append(job_id))
     assert watch.step() == {"requeued": [], "failed": []}  # first look: wait a TTL
     assert store.status(job_id) == RUNNING
-    time.sleep(0.3)
+    time.sleep(0.8)
     assert watch.step()["requeued"] == []
-    time.sleep(0.3)
+    time.sleep(1.4)
     assert watch.step()["requeued"] == [job_id]
     assert store.status(job_id) == QUEUED and sent == [job_id]  # and sent to the workers again
