@@ -16,7 +16,6 @@ Pure PyTorch + transformers/peft: never imports ``service/``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -32,6 +31,16 @@ from torch import nn
 
 from models.data import Conversation
 from models.metrics import classification_metrics
+from models.text_checkpoint import (
+    Checkpointing,
+    CheckpointWriter,
+    TrainingStopped,
+    TrainState,
+    data_hash,
+    load_trainable,
+    model_fingerprint,
+    trainable_state,
+)
 
 __all__ = [
     "ContextWindow",
@@ -601,6 +610,178 @@ class _ChunkTask:
         return (((pooled - targets) * self.scale.to(pooled.device)) ** 2).mean()
 
 
+class _Trainer:
+    """The optimiser, schedule, loss scaler and :class:`models.text_checkpoint.TrainState` of one fine-tune."""
+
+    def __init__(
+        self,
+        model: TextClassifier,
+        task: Any,
+        cfg: FineTuneConfig,
+        labels: Sequence[str],
+        device: str,
+        progress: Callable[[str], None] | None,
+    ) -> None:
+        self.model, self.task, self.cfg, self.labels, self.device = model, task, cfg, labels, device
+        self.progress = progress
+        steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)
+        total = steps_per_epoch * cfg.epochs
+        total = total if cfg.max_steps is None else min(cfg.max_steps, total)
+        enc_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        self.optim = torch.optim.AdamW(
+            [{"params": enc_params, "lr": cfg.lr}, {"params": model.head.parameters(), "lr": cfg.head_lr}],
+            weight_decay=cfg.weight_decay,
+        )
+        warm = max(1, int(cfg.warmup * total))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.optim, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm))
+        )
+        self.use_amp = cfg.amp and device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.state = TrainState()
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training seconds so far, earlier processes of a resumed run included."""
+        return self.state.elapsed + time.perf_counter() - self.started
+
+    def train_batch(
+        self, forward: Forward, ys: list[int], teacher: np.ndarray | None, last: bool
+    ) -> tuple[float, bool]:
+        """Forward and backward of one batch, an optimiser step where an accumulation ends (or ``last``):
+        ``(loss, stepped)``."""
+        cfg, device = self.cfg, self.device
+        target = torch.tensor(ys, device=device)
+        with torch.autocast("cuda", enabled=self.use_amp):
+            pooled, logits = forward(self.model, device)
+            loss = self.loss_fn(logits.float(), target)
+            if teacher is not None:
+                match = self.task.distance(pooled.float(), torch.from_numpy(teacher).to(device))
+                loss = loss + cfg.distill_weight * match
+            loss = loss / cfg.grad_accum
+        self.scaler.scale(loss).backward()
+        self.state.next_batch += 1
+        if self.state.next_batch % cfg.grad_accum and not last:
+            return loss.item() * cfg.grad_accum, False
+        self.scaler.unscale_(self.optim)
+        nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optim)
+        self.scaler.update()
+        self.optim.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.state.step += 1
+        return loss.item() * cfg.grad_accum, True
+
+    def evaluate(self) -> bool:
+        """A dev evaluation: appended to the history, the best trainable state kept; True: patience is out."""
+        st, task = self.state, self.task
+        y_dev, probs, vectors = task.dev_predict(self.model, self.device, self.use_amp)
+        m = classification_metrics(y_dev, probs.argmax(1), self.labels)
+        rec = {
+            "epoch": st.epoch + 1,
+            "step": st.step,
+            "dev_weighted_f1": m["weighted_f1"],
+            "dev_accuracy": m["accuracy"],
+            "seconds": round(self.seconds(), 1),
+        }
+        score = m["weighted_f1"]
+        if task.dev_targets is not None:
+            error = task.distance(torch.from_numpy(vectors), torch.from_numpy(task.dev_targets))
+            rec["dev_distill_mse"] = round(float(error), 5)
+            score = -rec["dev_distill_mse"]
+        rec["dev_selection"] = score
+        st.history.append(rec)
+        if self.progress:
+            self.progress(json.dumps(rec))
+        if score > st.best:
+            st.best, st.bad, st.best_state = score, 0, trainable_state(self.model)
+        else:
+            st.bad += 1
+        self.model.train()
+        return st.bad >= self.cfg.patience
+
+    def run_epoch(self, rng: random.Random, show_bar: bool, saver: _Saver | None) -> None:
+        """Train the epoch ``state.epoch`` from ``state.next_batch`` (its batches recomputed from
+        ``state.epoch_rng``); ends the epoch or sets ``state.finished``."""
+        from tqdm import tqdm
+
+        st, cfg = self.state, self.cfg
+        rng.setstate(st.epoch_rng)
+        batches = self.task.epoch(rng)
+        eval_every = max(1, math.ceil(len(batches) / cfg.evals_per_epoch))
+        self.model.train()
+        bar = tqdm(
+            total=len(batches),
+            initial=st.next_batch,
+            desc=f"finetune epoch {st.epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not show_bar,
+        )
+        while st.next_batch < len(batches):
+            forward, ys, teacher = batches[st.next_batch]
+            loss, stepped = self.train_batch(forward, ys, teacher, last=st.next_batch + 1 == len(batches))
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+            b = st.next_batch
+            done = cfg.max_steps is not None and st.step >= cfg.max_steps
+            evaluated = b % eval_every == 0 or b == len(batches) or done
+            if evaluated:
+                st.finished = self.evaluate() or done
+            ended = b == len(batches)
+            if ended:  # the next epoch starts from the rng state this one left
+                st.epoch, st.next_batch, st.epoch_rng = st.epoch + 1, 0, rng.getstate()
+            if saver is not None and stepped and not st.finished:  # fit() writes the finished state
+                saver.after_step(self, evaluated)
+            if st.finished or ended:
+                break
+        bar.close()
+
+    def fit(self, rng: random.Random, show_bar: bool, saver: _Saver | None) -> None:
+        """Train until the epochs, the steps or the patience run out (or ``saver`` stops the run)."""
+        st = self.state
+        while st.epoch < self.cfg.epochs and not st.finished:
+            self.run_epoch(rng, show_bar, saver)
+        st.finished = True
+        if saver is not None:
+            saver.write(self)
+
+
+class _Saver:
+    """When to write checkpoints (:class:`models.text_checkpoint.Checkpointing`) and when to stop."""
+
+    def __init__(self, writer: CheckpointWriter, policy: Checkpointing) -> None:
+        self.writer, self.policy = writer, policy
+        self.last = time.perf_counter()
+        self.started = self.last
+        self.due = False
+
+    def write(self, trainer: _Trainer) -> None:
+        self.writer.save(
+            trainer.state,
+            trainer.seconds(),
+            trainer.model,
+            trainer.optim,
+            trainer.sched,
+            trainer.scaler,
+            trainer.device,
+        )
+        self.last, self.due = time.perf_counter(), False
+
+    def after_step(self, trainer: _Trainer, evaluated: bool) -> None:
+        """At an optimiser-step boundary: write if due (time, an evaluation since the last write); stop the
+        run (:class:`models.text_checkpoint.TrainingStopped`) once ``stop_after`` / ``stop_at_step`` is reached."""
+        st, policy, now = trainer.state, self.policy, time.perf_counter()
+        self.due |= evaluated
+        stop = (policy.stop_after is not None and now - self.started >= policy.stop_after) or (
+            policy.stop_at_step is not None and st.step >= policy.stop_at_step
+        )
+        if self.due or stop or now - self.last >= policy.every:
+            self.write(trainer)
+        if stop:
+            raise TrainingStopped(self.writer.directory, st.epoch, st.next_batch, st.step)
+
+
 def finetune_text_encoder(
     encoder: nn.Module,
     tokenizer: Any,
@@ -613,6 +794,7 @@ def finetune_text_encoder(
     progress: Callable[[str], None] | None = print,
     show_bar: bool = True,
     targets: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> tuple[TextClassifier, list[dict[str, Any]]]:
     """Fine-tune ``encoder`` + a linear head for utterance classification; keep the best dev state.
 
@@ -627,16 +809,29 @@ def finetune_text_encoder(
     squared error between the pooled vectors and the teacher's, per dimension over the teacher's train
     std, and selection is on that dev error instead (the student is meant to stand in for the teacher
     under a fusion model trained on the teacher's vectors: the accuracy that matters is the fusion's).
-    """
-    from tqdm import tqdm
 
+    ``checkpoint`` (a :class:`models.text_checkpoint.Checkpointing`): write resumable checkpoints, or
+    continue one; a resumed run ends with the weights and history of an uninterrupted one (the
+    history's ``seconds`` aside). Raises :class:`models.text_checkpoint.TrainingStopped` when it asks
+    the run to stop early.
+    """
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
-    model = _initial_model(encoder, hidden, len(labels), cfg).to(device)
+    model = _initial_model(encoder, hidden, len(labels), cfg)
     if (cfg.distill is None) != (targets is None):
         raise ValueError("distillation needs both cfg.distill (the teacher) and its vectors (targets)")
     if targets is not None and cfg.window.mode != "conversation":
         raise ValueError("distillation is implemented for conversation mode (a pair-mode student is the teacher)")
+    saver = None
+    if checkpoint is not None:
+        identity = {
+            "config": cfg.to_dict(),
+            "labels": list(labels),
+            "hidden": hidden,
+            "model": model_fingerprint(model),
+            "data": data_hash(train, dev, targets),
+        }
+        saver = _Saver(CheckpointWriter(checkpoint, identity, progress), checkpoint)
     if cfg.cache_lower:  # the frozen lower layers' states computed once (models.text_cached)
         from models.text_cached import cached_task
 
@@ -645,80 +840,14 @@ def finetune_text_encoder(
         task = _ChunkTask(tokenizer, train, dev, cfg, targets)
     else:
         task = _PairTask(tokenizer, train, dev, cfg)
-    steps_per_epoch = math.ceil(task.n_batches / cfg.grad_accum)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    enc_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    optim = torch.optim.AdamW(
-        [{"params": enc_params, "lr": cfg.lr}, {"params": model.head.parameters(), "lr": cfg.head_lr}],
-        weight_decay=cfg.weight_decay,
-    )
-    warm = max(1, int(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm))
-    )
-    use_amp = cfg.amp and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loss_fn = nn.CrossEntropyLoss()
-    history: list[dict[str, Any]] = []
-    best, best_state, bad, step = -math.inf, None, 0, 0
-    started = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        model.train()
-        batches = task.epoch(rng)
-        eval_every = max(1, math.ceil(len(batches) / cfg.evals_per_epoch))
-        bar = tqdm(batches, desc=f"finetune epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not show_bar)
-        for b, (forward, ys, teacher) in enumerate(bar):
-            target = torch.tensor(ys, device=device)
-            with torch.autocast("cuda", enabled=use_amp):
-                pooled, logits = forward(model, device)
-                loss = loss_fn(logits.float(), target)
-                if teacher is not None:
-                    match = task.distance(pooled.float(), torch.from_numpy(teacher).to(device))
-                    loss = loss + cfg.distill_weight * match
-                loss = loss / cfg.grad_accum
-            scaler.scale(loss).backward()
-            if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
-                scaler.unscale_(optim)
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                scaler.step(optim)
-                scaler.update()
-                optim.zero_grad(set_to_none=True)
-                sched.step()
-                step += 1
-            bar.set_postfix(loss=f"{loss.item() * cfg.grad_accum:.3f}")
-            done = cfg.max_steps is not None and step >= cfg.max_steps
-            if (b + 1) % eval_every == 0 or b + 1 == len(batches) or done:
-                y_dev, probs, vectors = task.dev_predict(model, device, use_amp)
-                m = classification_metrics(y_dev, probs.argmax(1), labels)
-                rec = {
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "dev_weighted_f1": m["weighted_f1"],
-                    "dev_accuracy": m["accuracy"],
-                    "seconds": round(time.perf_counter() - started, 1),
-                }
-                score = m["weighted_f1"]
-                if task.dev_targets is not None:
-                    error = task.distance(torch.from_numpy(vectors), torch.from_numpy(task.dev_targets))
-                    rec["dev_distill_mse"] = round(float(error), 5)
-                    score = -rec["dev_distill_mse"]
-                rec["dev_selection"] = score
-                history.append(rec)
-                if progress:
-                    progress(json.dumps(rec))
-                if score > best:
-                    best, bad = score, 0
-                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-                else:
-                    bad += 1
-                model.train()
-                if bad >= cfg.patience or done:
-                    break
-        if bad >= cfg.patience or (cfg.max_steps is not None and step >= cfg.max_steps):
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return model.eval(), history
+    trainer = _Trainer(model.to(device), task, cfg, labels, device, progress)
+    trainer.state.epoch_rng = rng.getstate()
+    if saver is not None and checkpoint.resume:
+        trainer.state = saver.writer.restore(model, trainer.optim, trainer.sched, trainer.scaler, device)
+    trainer.fit(rng, show_bar, saver)
+    if trainer.state.best_state is not None:
+        load_trainable(model, trainer.state.best_state)
+    return model.eval(), trainer.state.history
 
 
 def save_adapter(model: TextClassifier, cfg: FineTuneConfig, out: str | Path, base: dict[str, Any]) -> Path:

@@ -247,9 +247,24 @@ def finetune_text_cmd(
     max_steps: Annotated[int | None, typer.Option(help="stop after this many optimiser steps")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda (mixed precision on CUDA)")] = "auto",
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="resumable checkpoints [OUT/checkpoint]")] = None,
+    checkpoint_every: Annotated[
+        float, typer.Option(help="seconds between checkpoints (also after each evaluation); 0: every step")
+    ] = 300.0,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run checkpointed in DIR (same options and data)")
+    ] = None,
+    stop_after: Annotated[
+        float | None, typer.Option(help="stop after this many seconds of training, checkpoint written (exit 3)")
+    ] = None,
+    keep_checkpoint: Annotated[bool, typer.Option(help="keep the checkpoint once the extractor is saved")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Fine-tune a text encoder (LoRA) with context windows on a dataset folder: a reusable text extractor."""
+    """Fine-tune a text encoder (LoRA) with context windows on a dataset folder: a reusable text extractor.
+
+    Resumable: a checkpoint every --checkpoint-every seconds; after an interruption (or --stop-after) the same
+    command with --resume DIR continues to the weights an uninterrupted run ends with."""
+    from models.text_checkpoint import Checkpointing, TrainingStopped
     from models.text_finetune import FineTuneConfig
     from service.offline.text_finetuning import finetune_text, window_from_options
 
@@ -277,7 +292,17 @@ def finetune_text_cmd(
             seed=seed,
         )
         out = out or Path("weights") / "text" / f"{data.name}-{base.replace('/', '_')}"
-        meta = finetune_text(data, base, out, cfg, device, not quiet, "merc " + shlex.join(sys.argv[1:]))
+        if resume and checkpoint_dir and resume.resolve() != checkpoint_dir.resolve():
+            raise ValueError("--resume DIR continues writing to DIR: leave out --checkpoint-dir or give the same")
+        command = "merc " + shlex.join(sys.argv[1:])
+        where = resume or checkpoint_dir or out / "checkpoint"
+        policy = Checkpointing(where, checkpoint_every, resume is not None, stop_after, note={"command": command})
+        meta = finetune_text(
+            data, base, out, cfg, device, not quiet, command, checkpoint=policy, keep_checkpoint=keep_checkpoint
+        )
+    except TrainingStopped as e:
+        typer.echo(json.dumps({"stopped": str(e), "checkpoint": str(e.directory), "step": e.step}))
+        raise typer.Exit(3) from None
     except (DataError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"extractor": str(out), "best_dev": meta["best_dev"], "sha256": meta["sha256"]}))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.data import DataError, read_dataset_info, read_jsonl
+from models.text_checkpoint import Checkpointing, discard, read_summary
 from models.text_finetune import (
     ContextWindow,
     FineTuneConfig,
@@ -42,6 +43,7 @@ def _fit(
     progress: bool,
     prefix: str,
     targets=None,
+    checkpoint: Checkpointing | None = None,
 ):
     """:func:`finetune_text_encoder` on conversations (context windows and label indices built here)."""
     return finetune_text_encoder(
@@ -56,6 +58,7 @@ def _fit(
         progress=(lambda s: print(prefix + s, flush=True)) if progress else None,
         show_bar=progress,
         targets=targets,
+        checkpoint=checkpoint,
     )
 
 
@@ -94,8 +97,15 @@ def finetune_text(
     progress: bool = True,
     command: str = "",
     cache_features: bool = True,
+    checkpoint: Checkpointing | None = None,
+    keep_checkpoint: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune ``base`` for utterance emotion classification on ``data``; returns the finetune.json dict."""
+    """Fine-tune ``base`` for utterance emotion classification on ``data``; returns the finetune.json dict.
+
+    ``checkpoint``: write resumable checkpoints (or continue one, ``checkpoint.resume``); once the
+    extractor is saved its files are removed unless ``keep_checkpoint``. Raises
+    :class:`models.text_checkpoint.TrainingStopped` where the policy stops the run early.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -115,9 +125,14 @@ def finetune_text(
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
     started = time.perf_counter()
+    earlier = (
+        (read_summary(checkpoint.directory) or {}).get("seconds", 0.0) if checkpoint and checkpoint.resume else 0.0
+    )
     targets = teacher_vectors(cfg.distill, [train, dev], dev_name) if cfg.distill else None
-    model, history = _fit(encoder, tokenizer, source.dim, train, dev, labels, cfg, dev_name, progress, "", targets)
-    seconds = time.perf_counter() - started
+    model, history = _fit(
+        encoder, tokenizer, source.dim, train, dev, labels, cfg, dev_name, progress, "", targets, checkpoint
+    )
+    seconds = time.perf_counter() - started + earlier  # a resumed run: the earlier sessions' training too
     base_info = {"name": source.extractor, "version": source.version, "dim": source.dim}
     save_adapter(model.to("cpu"), cfg, out, base_info)
     meta = json.loads((Path(out) / "finetune.json").read_text())
@@ -139,6 +154,8 @@ def finetune_text(
         meta["distill_sha256"] = extractor_hash(cfg.distill)
     (Path(out) / "finetune.json").write_text(json.dumps(meta, indent=2))
     meta["sha256"] = extractor_hash(out)
+    if checkpoint is not None and not keep_checkpoint:
+        discard(checkpoint.directory)
     if cache_features:
         _warm_cache(out, [train, dev], dev_name)
     return meta
@@ -220,7 +237,7 @@ def prepare_finetuned_text(
         if source != target.resolve():
             if target.exists():
                 shutil.rmtree(target)
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md", "oof"))
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("README.md", "oof", "checkpoint"))
         name = source.name
         if folds and not (source / OOF_FILE).is_file():
             raise DataError(f"--set finetune.oof: {source} has no {OOF_FILE}; run merc oof-text-features first")
