@@ -109,7 +109,8 @@ class LocalCluster:
         self.data_dir, self.logs = self.base / "data", self.base / "logs"
         for d in (self.data_dir, self.logs, self.base / "redis", self.base / "cache"):
             d.mkdir(parents=True, exist_ok=True)
-        self.redis_port, self.api_port = free_port(), free_port()
+        self._ports: set[int] = set()
+        self.redis_port, self.api_port = self.free_port(), self.free_port()
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.queue_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.env = self._env(env)
@@ -118,6 +119,15 @@ class LocalCluster:
         self.api: Proc | None = None
         self.workers: list[Proc] = []
         self.metrics_ports: list[int] = []
+
+    def free_port(self) -> int:
+        """A free port never handed out by this cluster before (a port is free until its process binds
+        it: a worker's metrics server once took the API's port, and answered its /readyz)."""
+        port = free_port()
+        while port in self._ports:
+            port = free_port()
+        self._ports.add(port)
+        return port
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         return {
@@ -152,7 +162,7 @@ class LocalCluster:
 
     def start_worker(self, wait: bool = True) -> Proc:
         """One more ``merc worker`` (node name w<i>@host); ``wait``: until its models are loaded."""
-        i, port = len(self.workers) + 1, free_port()
+        i, port = len(self.workers) + 1, self.free_port()
         env = {**self.env, "MERC_WORKER_METRICS_PORT": str(port)}
         worker = Proc(f"worker{i}", merc_command("worker", "--name", f"w{i}@%h"), env, self.logs).start()
         self.workers.append(worker)

@@ -147,9 +147,9 @@ def test_killed_worker_leaves_no_job_lost_or_stuck(cluster: LocalCluster, api: h
 def test_parallel_appends_through_two_api_processes_keep_every_turn_once(cluster: LocalCluster, api) -> None:
     """Issue 12: ids and the duplicate check are decided under a lease in Redis, so two API
     replicas (and two workers) appending to one conversation at once lose no turn."""
-    from tests.local_cluster import Proc, free_port, merc_command, wait_until
+    from tests.local_cluster import Proc, merc_command, wait_until
 
-    port = free_port()
+    port = cluster.free_port()
     cmd = merc_command("serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
     second = Proc("api2", cmd, cluster.env, cluster.logs).start()
     try:

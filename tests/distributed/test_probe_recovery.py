@@ -16,7 +16,7 @@ import pytest
 
 from service.jobs.redis_store import RedisJobStore
 from tests.distributed.conftest import needs_redis
-from tests.local_cluster import ROOT, LocalCluster, Proc, free_port, merc_command, sample_conversation, wait_until
+from tests.local_cluster import ROOT, LocalCluster, Proc, merc_command, sample_conversation, wait_until
 
 MODEL = "sdt-meld7"  # a MiniLM bundle: the fastest text encoder keeps the test short
 VISIBILITY_S = 30.0
@@ -69,7 +69,7 @@ def kill_holder(cluster: LocalCluster, store: RedisJobStore, job_id: str) -> str
 def test_readyz_is_503_naming_a_default_model_the_catalogue_lacks(cluster: LocalCluster, api) -> None:
     """F9: live workers, but every request naming no model would get 422 "no model"."""
     assert api.get("/readyz").status_code == 200
-    port = free_port()
+    port = cluster.free_port()
     cmd = merc_command("serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning")
     env = {**cluster.env, "MERC_DEFAULT_MODEL": "no-such-bundle"}
     second = Proc("api-nomodel", cmd, env, cluster.logs).start()
