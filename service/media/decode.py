@@ -243,18 +243,32 @@ class _FrameSampler:
 
 
 class _AudioCollector:
-    """Resamples decoded audio frames to 16 kHz mono float32, padding a late stream start with zeros."""
+    """Resamples decoded audio frames to 16 kHz mono float32, padding a late stream start with zeros.
+
+    Channels without a known order (a 64-channel WAV: swresample refuses to mix it, or guesses a
+    layout and overshoots) are averaged to mono first (:func:`_mean_channels`)."""
 
     def __init__(self) -> None:
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self.chunks: list[np.ndarray] = []
         self.first_t: float | None = None
+        self.average = False
 
     def add(self, frame: av.AudioFrame, t: float) -> None:
         if self.first_t is None:
             self.first_t = t
-        for out in self.resampler.resample(frame):
-            self.chunks.append(out.to_ndarray().reshape(-1))
+            channels = frame.layout.channels
+            self.average = len(channels) > 2 and any(c.name == "NONE" for c in channels)
+        if not self.average:
+            try:
+                self.chunks += [out.to_ndarray().reshape(-1) for out in self.resampler.resample(frame)]
+                return
+            except (av.FFmpegError, ValueError):  # a layout swresample cannot mix down: average it
+                if self.chunks:
+                    raise
+                self.average = True
+                self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self.chunks += [out.to_ndarray().reshape(-1) for out in self.resampler.resample(_mean_channels(frame))]
 
     def finish(self) -> np.ndarray:
         """(n,) float32; a stream starting at t > 0 gets t seconds of leading zeros, t < 0 (priming) is cut."""
@@ -265,6 +279,21 @@ class _AudioCollector:
         if offset > 0:
             return np.concatenate([np.zeros(offset, dtype=np.float32), signal])
         return signal[-offset:]
+
+
+def _mean_channels(frame: av.AudioFrame) -> av.AudioFrame:
+    """The mean of ``frame``'s channels, as one float channel at its rate and time."""
+    data = frame.to_ndarray()
+    if not frame.format.is_planar:  # interleaved: (1, samples * channels)
+        data = data.reshape(-1, len(frame.layout.channels)).T
+    if data.dtype.kind in "iu":  # PCM integers to [-1, 1); unsigned ones are centred on half their range
+        unsigned = data.dtype.kind == "u"
+        half = np.iinfo(data.dtype).max // 2 + 1 if unsigned else -np.iinfo(data.dtype).min
+        data = (data.astype(np.float64) - (half if unsigned else 0)) / half
+    mean = data.mean(axis=0, dtype=np.float64).astype(np.float32)
+    mono = av.AudioFrame.from_ndarray(mean[None], format="flt", layout="mono")
+    mono.sample_rate, mono.pts, mono.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return mono
 
 
 def _frame_time(frame: av.AudioFrame | av.VideoFrame, origin: float, last: float) -> float:

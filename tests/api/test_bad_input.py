@@ -40,11 +40,13 @@ def stored(client):
     return r.json()
 
 
-def wav_bytes(seconds: float = 1.0) -> bytes:
+def wav_bytes(seconds: float = 1.0, channels: int = 1, rate: int = 16000) -> bytes:
+    """PCM WAV of a tone, the same in every channel (plain WAVE_FORMAT_PCM: no channel order)."""
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-        w.writeframes((np.sin(np.arange(int(16000 * seconds)) / 10) * 8000).astype(np.int16).tobytes())
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(rate)
+        tone = (np.sin(np.arange(int(rate * seconds)) / 10) * 8000).astype(np.int16)
+        w.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
     return buf.getvalue()
 
 
@@ -201,6 +203,16 @@ def test_media_longer_than_its_header_says_fails_naming_the_limit(client, tmp_pa
     job = wait_status(client, r.json()["id"], {"succeeded", "failed"})
     assert job["status"] == "failed" and job["error"]["status"] == 422, job
     assert "MERC_MAX_MEDIA_SECONDS" in job["error"]["detail"] and "10 s" in job["error"]["detail"], job["error"]
+
+
+def test_a_64_channel_wav_is_mixed_down(client):
+    """Issue 21 F7: a valid 64-channel WAV failed its job as "corrupt or truncated media near 0.00 s"."""
+    files = {"audio": ("a.wav", wav_bytes(0.45, channels=64, rate=8000), "audio/wav"), "transcript": (None, timed(0.4))}
+    r = post_media(client, files)
+    assert r.status_code == 202, r.text
+    job = wait_status(client, r.json()["id"], {"succeeded", "failed"})
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["modalities"]["audio"]["supplied"], job["result"]["modalities"]
 
 
 def test_unknown_model_in_multipart(client, server):

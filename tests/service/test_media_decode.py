@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import wave
 from pathlib import Path
 
 import av
@@ -121,3 +122,20 @@ def test_decoding_stops_at_the_length_limit_whatever_the_header_says(tmp_path: P
     whole = decode_media(lying, [(0.0, None)], limits=MediaLimits(max_seconds=60.0))
     assert len(whole.audio) / 16000 == pytest.approx(20.0, abs=0.1)
     assert decode_media(lying, [(0.0, 2.0)], limits=MediaLimits(max_seconds=5.0)).audio is not None  # stops at 2 s
+
+
+@pytest.mark.parametrize(("channels", "width"), [(64, 2), (9, 1), (32, 4)])
+def test_channels_without_an_order_are_averaged_to_mono(tmp_path: Path, channels: int, width: int) -> None:
+    """Issue 21 F7: a valid 64-channel WAV failed as "corrupt or truncated media near 0.00 s"."""
+    signal = tone(1.0, rate=8000, level=0.5)
+    every = np.zeros((len(signal), channels))
+    every[:, ::2] = signal[:, None]  # the tone in even channels, silence in odd ones: the mean is half of it
+    scale = 2 ** (8 * width - 1)
+    pcm = np.round(every * (scale - 1)) + (scale if width == 1 else 0)  # 8-bit WAV is unsigned
+    path = tmp_path / "many.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(width), w.setframerate(8000)
+        w.writeframes(pcm.astype({1: "u1", 2: "<i2", 4: "<i4"}[width]).tobytes())
+    audio = decode_media(path, [(0.0, None)]).audio
+    assert audio.shape == (16000,)
+    assert np.abs(audio).max() == pytest.approx(0.5 * ((channels + 1) // 2) / channels, abs=0.02)  # the mean
