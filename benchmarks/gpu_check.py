@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -287,7 +288,21 @@ def step_media_pipeline(device: str, size: dict[str, int], media: Path) -> dict[
 
 def step_speed_text(device: str, size: dict[str, int], media: Path) -> dict[str, Any]:
     args = ["benchmarks/speed_text.py", "--device", device, "--n", str(size["n"]), "--threads", "1"]
-    return _script(args + ([] if size is SIZES["full"] else ["--no-accuracy"]), None)
+    return _script(args + ([] if size is SIZES["full"] else ["--no-accuracy", "--no-small-inputs"]), None)
+
+
+def run_group(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """(exit status, stderr) of ``cmd`` in a process group of its own; on timeout the whole group (the
+    benchmark scripts and `merc evaluate` a step starts too) is killed before TimeoutExpired is raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, err
 
 
 def run_step(name: str, device: str, size_name: str, media: Path, result: Path) -> None:
@@ -317,10 +332,10 @@ def drive(
             cmd = [sys.executable, __file__, "--run-step", name, "--device", device, "--size", size_name,
                    "--media", str(media), "--result", str(result)]  # fmt: skip
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
-                entry: dict[str, Any] = {"status": "ok" if proc.returncode == 0 else "failed"}
-                if proc.returncode:
-                    entry["error"] = proc.stderr.strip()[-2000:]
+                code, err = run_group(cmd, limit)
+                entry: dict[str, Any] = {"status": "ok" if code == 0 else "failed"}
+                if code:
+                    entry["error"] = err.strip()[-2000:]
                 elif result.is_file():
                     entry["figures"] = json.loads(result.read_text())
             except subprocess.TimeoutExpired:

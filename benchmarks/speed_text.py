@@ -245,6 +245,7 @@ def main() -> None:
     ap.add_argument("--no-accuracy", action="store_true", help="skip (c), the dev evaluation")
     ap.add_argument("--http", action="store_true", help="also run benchmarks/api_cpu.py --clients-list 1,4,16")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--no-small-inputs", action="store_true", help="skip (e) (benchmarks/gpu_check.py's dry run)")
     args = ap.parse_args()
     device = args.device
     from service.settings import Settings
@@ -260,7 +261,8 @@ def main() -> None:
             report["scoring"][f"{'int8' if int8 else 'fp32'}_t{t}"] = scoring(bundle, args.n, t, int8, rng, device)
     for t in threads:
         report["plain_minilm"][f"t{t}"] = plain_minilm(args.n, t, rng, device)
-    report["small_inputs"] = small_inputs(args.n, device) | batched_appends(args.n, rng, device)
+    if not args.no_small_inputs:
+        report["small_inputs"] = small_inputs(args.n, device) | batched_appends(args.n, rng, device)
     if not args.no_accuracy:
         kinds = ("fp32", "int8") if device == "cpu" else ("fp32",)
         report["dev_weighted_f1"] = {k: dev_accuracy(bundle, k == "int8", device) for k in kinds}

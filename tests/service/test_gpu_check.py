@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,10 @@ def test_a_failing_step_is_recorded_and_the_others_run(tmp_path: Path) -> None:
     media = report["steps"]["media_pipeline"]
     assert media["status"] == "failed" and "absent" in media["error"]
     assert report["wall_s"] > 0
+
+
+def test_a_step_over_its_limit_is_killed_with_its_children_and_recorded(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    report = run_check(tmp_path, "--steps", "speed_text", "--limit-scale", "0.05")  # 7.5 s for this step
+    assert report["steps"]["speed_text"]["status"] == "timeout"
+    assert time.perf_counter() - started < 120  # the benchmark script it started did not hold the run open
