@@ -213,6 +213,7 @@ def prepare_finetuned_text(
     import shutil
 
     from service.features.finetuned import spec_entry
+    from service.offline.text_recipe import dataset_shape, text_recipe
 
     target = Path(out_dir) / "text_encoder"
     overrides = dict(overrides or {})
@@ -220,7 +221,11 @@ def prepare_finetuned_text(
     folds = 2 if oof is True else int(oof or 0)
     if text_encoder.startswith("finetune:"):
         base = text_encoder.split(":", 1)[1]
-        values = {**FineTuneConfig().to_dict(), **overrides}
+        chosen, why = text_recipe(dataset_shape(data_dir))
+        chosen = {k: v for k, v in chosen.items() if k not in overrides}
+        if progress:
+            print(f"merc train: text fine-tune of {base}: {why} (given: {sorted(overrides) or 'none'})", flush=True)
+        values = {**FineTuneConfig().to_dict(), **chosen, **overrides}
         window = {
             **values["window"],
             **{k: values.pop(k) for k in ContextWindow.__dataclass_fields__ if k in values},

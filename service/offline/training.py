@@ -136,6 +136,31 @@ def dev_by_dataset(
     return {"dev_metrics_by_dataset": out}
 
 
+# SDT on fine-tuned text in short multi-party conversations: the recipe measured on MELD (sdt-meld7,
+# sdt-meld7-fast: docs/results.md), used for datasets of unknown name shaped like it.
+SHORT_CONVERSATION_SDT = ({"lr": 1e-4, "batch_size": 16, "epochs": 40, "patience": 8}, {"temperature": 8.0})
+
+
+def training_defaults(
+    arch: str, name: str, data_dir: Path, finetuned: bool, progress: bool = True
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train defaults, model defaults) of ``arch`` on dataset ``name``: its family's (models.train) when
+    the name is known, else the family its shape resembles (service.offline.text_recipe), said in progress."""
+    from models.train import dataset_family
+    from service.offline.text_recipe import dataset_shape, fusion_family
+
+    if name.lower().startswith(("meld", "iemocap", "mosi")):
+        return asdict(train_defaults(arch, name)), {}
+    family, why = fusion_family(dataset_shape(data_dir))
+    values, model = asdict(train_defaults(arch, family)), {}
+    if arch == "sdt" and family == "meld" and finetuned:
+        values.update(SHORT_CONVERSATION_SDT[0])
+        model = dict(SHORT_CONVERSATION_SDT[1])
+    if progress:
+        print(f"merc train: dataset {name!r} is new: {why} ({dataset_family(family)} family)", flush=True)
+    return values, model
+
+
 def train_bundle(
     arch: str,
     data_dir: Path | Sequence[Path],
@@ -174,12 +199,12 @@ def train_bundle(
         spec, manifest_spec = prepare_finetuned_text(
             spec, str(text_encoder), data_dir, out_dir, finetune_overrides, device, progress
         )
-    cfg_values = asdict(train_defaults(arch, info.get("name", data_dir.name)))
-    cfg_values.update(train_overrides or {})
+    defaults, model_defaults = training_defaults(arch, info.get("name", data_dir.name), data_dir, finetuned, progress)
+    cfg_values = {**defaults, **(train_overrides or {})}
     cfg = TrainConfig.from_dict(cfg_values)
     model_cfg = make_config(
         arch,
-        model_overrides or {},
+        {**model_defaults, **(model_overrides or {})},
         input_dims={m: int(e["dim"]) for m, e in spec.items()},
         n_classes=len(labels),
     )
