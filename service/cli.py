@@ -405,8 +405,17 @@ def serve(
 
         setup_logging(level=log_level)
         log_config = None
+    from service.api.slow_clients import timed_protocol
+
+    http = timed_protocol(settings.header_timeout_s, settings.body_timeout_s, settings.body_min_rate)  # slow clients
     uvicorn.run(
-        application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10, log_config=log_config
+        application,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+        log_config=log_config,
+        http=http,
     )
 
 

@@ -45,6 +45,17 @@ class Settings(BaseSettings):
         7680 * 4320, ge=1, description="largest video frame (width x height, from the stream header) decoded; 8K UHD"
     )
     probe_timeout_s: float = Field(10.0, gt=0, description="time allowed to open and decode the first frame")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request line and headers slower than this get 408 and the connection is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body that sends nothing this long, or lags MERC_BODY_MIN_RATE after it, gets 408",
+    )
+    body_min_rate: float = Field(
+        1024.0, gt=0, description="bytes/s a request body must average after its first MERC_BODY_TIMEOUT_S"
+    )
     job_timeout_s: float = Field(1800.0, gt=0, description="a job running longer is marked failed")
     sync_media_max_s: float = Field(60.0, ge=0, description="media longer than this is always answered 202")
     text_wait_s: float = Field(10.0, ge=0, description="default ?wait for JSON (text-only) requests")
