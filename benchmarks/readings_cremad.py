@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from models.data import Conversation, Utterance  # noqa: E402
 from service.features.voice_reading import load_voice_model  # noqa: E402
+from service.features.voice_training import TO_MELD7, map_label  # noqa: E402
 from service.inference.pipeline import MediaInput, extract_features  # noqa: E402
 
 CREMAD = ROOT.parent / "shared" / "media" / "cremad"
@@ -69,9 +70,10 @@ def main() -> None:
     for row, r, p in zip(rows, per_clip, together, strict=True):
         session = voice.labels[int(p.argmax())] if p is not None else "—"
         face, vo = r.get("face"), r.get("voice")
+        gold = map_label(row["emotion"], voice.labels, TO_MELD7)  # the voice model's name for it (happiness: joy)
         hits["face"] += bool(face and face["emotion"] == row["emotion"])
-        hits["voice"] += bool(vo and vo["emotion"] == row["emotion"])
-        hits["session"] += session == row["emotion"]
+        hits["voice"] += bool(vo and vo["emotion"] == gold)
+        hits["session"] += session == gold
         frames = f"{face['frames']}/{face['frames_sampled']}" if face else "0"
         sp = f"{session} {float(p.max()):.2f}" if p is not None else "—"
         lines.append(f"| {row['file']} | {row['emotion']} | {top(face)} | {frames} | {top(vo)} | {sp} |")

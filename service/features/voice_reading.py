@@ -31,7 +31,7 @@ import numpy as np
 from service.features.speaker_norm import SpeakerNormaliser
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_VOICE_MODEL = ROOT / "weights" / "readings" / "voice-emodb7"
+DEFAULT_VOICE_MODEL = ROOT / "weights" / "readings" / "voice-en7"
 _LOCK = threading.Lock()
 _CACHE: dict[str, VoiceReadingModel] = {}
 
@@ -68,6 +68,9 @@ class VoiceReadingModel:
     def scores(self, z: np.ndarray) -> np.ndarray:
         """(N, C) probabilities of (N, D) speaker-normalised vectors."""
         x = z[:, self.selected].astype(np.float64)
+        clip = self.manifest.get("normalisation", {}).get("clip")
+        if clip is not None:  # artefacts trained on clipped z-scores say so
+            x = np.clip(x, -clip, clip)
         probs = []
         for h in self.heads:
             if h["kind"] == "linear":

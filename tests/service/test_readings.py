@@ -20,7 +20,9 @@ from tests.service.media_helpers import ROOT, SHARED_MEDIA, write_wav
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CREMAD = SHARED_MEDIA / "cremad" / "1001_DFA_ANG_XX.flv"
 needs_shared = pytest.mark.skipif(not CREMAD.is_file(), reason="../shared/media absent")
-VOICE_LABELS = ["neutral", "anger", "boredom", "disgust", "fear", "happiness", "sadness"]
+EMODB_LABELS = ["neutral", "anger", "boredom", "disgust", "fear", "happiness", "sadness"]
+VOICE_LABELS = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]  # the default, voice-en7: MELD's
+VOICE_EMODB7 = ROOT / "weights" / "readings" / "voice-emodb7"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +72,9 @@ def test_speaker_norm_round_trip(tmp_path: Path) -> None:
 def test_voice_artefact_describes_itself() -> None:
     from service.features.voice_reading import load_voice_model
 
-    model = load_voice_model()
+    model = load_voice_model(VOICE_EMODB7)
     m = model.manifest
-    assert model.labels == VOICE_LABELS and m["feature_spec"]["audio"]["dim"] == 6373
+    assert model.labels == EMODB_LABELS and m["feature_spec"]["audio"]["dim"] == 6373
     assert m["accuracy"]["dev_uar"] > 82.5  # the session-normalised logistic-regression baseline
     assert "Emo-DB" in m["licence"] and m["selection"]["criterion"] == "dev UAR"
     assert (ROOT / "weights" / "readings" / "voice-emodb7" / "model.safetensors").stat().st_size < 1_000_000
@@ -89,12 +91,12 @@ def test_voice_reading_on_an_unseen_speakers_session() -> None:
     from service.features.voice_reading import load_voice_model
     from service.media.decode import decode_media
 
-    model = load_voice_model()
+    model = load_voice_model(VOICE_EMODB7)
     conv = next(c for c in read_jsonl(dev) if c.utterances[0].speaker == "speaker10")
     audio = extractor_for("audio", model.feature_entry, "cpu")
     signals = [decode_media(SHARED_MEDIA / "emodb7" / f"{u.id}.wav", [(0.0, None)]).audio for u in conv.utterances]
     probs = model.predict(audio.extract(signals), [u.speaker for u in conv.utterances])
-    hits = sum(VOICE_LABELS[int(np.argmax(p))] == u.label for p, u in zip(probs, conv.utterances, strict=True))
+    hits = sum(EMODB_LABELS[int(np.argmax(p))] == u.label for p, u in zip(probs, conv.utterances, strict=True))
     assert hits >= len(conv.utterances) // 2 + 1, f"{hits}/{len(conv.utterances)}"
 
 
@@ -113,7 +115,8 @@ def test_face_video_with_speech_gets_face_and_voice_readings(predictor) -> None:
         assert 1 <= face["frames"] <= face["frames_sampled"] and 0 < voice["speech_seconds"] <= 1.11
         assert utt["modalities"] == ["text"] and list(utt["distribution"]) == result["labels"]  # fused: the bundle's
     top = result["readings"]
-    assert top["face"]["model"] == "minixception-fer2013" and top["voice"]["accuracy"]["dev_uar"] > 82.5
+    assert top["face"]["model"] == "minixception-fer2013" and top["voice"]["accuracy"]["dev_uar"] > 60
+    assert "CC BY-NC-SA 4.0" in top["voice"]["licence"]  # RAVDESS: non-commercial, said where it is served
     assert {"training_data", "licence", "accuracy", "pooling"} <= set(top["face"]) & set(top["voice"])
     plain, _ = extract_features(conv, predictor.feature_spec, MediaInput(video=CREMAD), "cpu", readings=False)
     assert plain.readings is None  # readings stand beside the fused distribution and never change it

@@ -1,0 +1,105 @@
+"""The English voice reading (weights/readings/voice-en7): the label mapping onto MELD's seven, the training
+on synthetic corpora in seconds, and the committed artefact loading with its description and licence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.features.voice_training import MELD7, TO_MELD7, corpus_metrics, map_label, train
+from tests.service.media_helpers import ROOT
+
+VOICE_EN = ROOT / "weights" / "readings" / "voice-en7"
+
+
+def test_corpus_labels_map_onto_meld_and_boredom_is_dropped() -> None:
+    ravdess = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
+    emodb = ["neutral", "anger", "boredom", "disgust", "fear", "happiness", "sadness"]
+    assert [map_label(x, MELD7, TO_MELD7) for x in ravdess] == [
+        "neutral", "neutral", "joy", "sadness", "anger", "fear", "disgust", "surprise"]  # fmt: skip
+    assert [map_label(x, MELD7, TO_MELD7) for x in emodb] == [
+        "neutral", "anger", None, "disgust", "fear", "joy", "sadness"]  # fmt: skip
+    assert map_label("calm", ravdess, None) == "calm" and map_label(None, MELD7, TO_MELD7) is None
+    assert set(TO_MELD7.values()) <= set(MELD7)
+
+
+def test_corpus_metrics_score_present_classes_and_the_corpus_own_labels() -> None:
+    y = np.array([0, 0, 6, 6, -1])  # neutral (from neutral and calm), anger; -1 = dropped (boredom)
+    raw = np.array(["neutral", "calm", "angry", "angry", "boredom"])
+    pred = np.array([0, 6, 6, 0, 3])
+    m = corpus_metrics(y, pred, raw, MELD7)
+    assert m["per_class_recall"] == {"neutral": 50.0, "anger": 50.0} and m["uar"] == 50.0 and m["n"] == 4
+    assert m["per_corpus_label_recall"] == {"angry": 50.0, "calm": 0.0, "neutral": 100.0}
+    assert m["uar_corpus_labels"] == 50.0
+
+
+def _corpus(folder: Path, name: str, labels: list[str], seed: int) -> Path:
+    """A tiny dataset folder as merc extract writes it: sessions of one speaker, audio vectors inline;
+    each label shifts the feature of its MELD counterpart (11 when it has none), so the classes are
+    learnable across speakers and corpora."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    entry = {"extractor": "compare2016", "version": "opensmile==test", "dim": 12}
+    (folder / "dataset.json").write_text(json.dumps({"name": name, "labels": labels, "feature_spec": {"audio": entry}}))
+    for split, speakers in (("train", range(4)), ("dev", range(4, 6))):
+        lines = []
+        for s in speakers:
+            offset = rng.normal(0, 3, 12)  # the speaker's voice
+            utts = []
+            for i in range(2 * len(labels)):
+                x = offset + rng.normal(0, 0.3, 12)
+                label = labels[i % len(labels)]
+                target = map_label(label, MELD7, TO_MELD7)
+                x[MELD7.index(target) if target else 11] += 2.0
+                utts.append({"id": f"{name}{s}-{i}", "speaker": f"{name}{s}", "text": None, "label": label,
+                             "features": {"audio": x.round(4).tolist()}})  # fmt: skip
+            lines.append(json.dumps({"id": f"{name}-{s}", "utterances": utts}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_training_on_two_corpora_in_meld_labels(tmp_path: Path) -> None:
+    from service.features.voice_reading import load_voice_model
+
+    a = _corpus(
+        tmp_path / "a", "ravdess8", ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"], 0
+    )
+    b = _corpus(tmp_path / "b", "emodb7", ["neutral", "anger", "boredom", "disgust", "fear", "happiness", "sadness"], 1)
+    grid = {"shrink": (4.0,), "k_best": (12,), "C": (1.0,), "single_view": (False, True)}
+    m = train([a, b], tmp_path / "out", "meld7", "merc-voice-test", grid)
+    assert m["labels"] == MELD7 and len(m["selection"]["grid"]) == 2
+    acc = m["accuracy"]["per_corpus"]
+    assert set(acc) == {"ravdess8", "emodb7"} and acc["ravdess8"]["dev_uar"] > 80 and acc["emodb7"]["dev_uar"] > 80
+    assert "surprise" not in acc["emodb7"]["dev_per_class_recall"]  # absent classes are not averaged in
+    assert set(acc["ravdess8"]["dev_per_corpus_label_recall"]) >= {"calm", "neutral"}
+    assert "boredom" in m["training_data"] and "NON-COMMERCIAL" in m["licence"] and "CC BY-NC-SA 4.0" in m["licence"]
+    model = load_voice_model(tmp_path / "out")
+    x = np.zeros(12)
+    x[MELD7.index("anger")] += 2.0
+    (p,) = model.predict([x], ["someone"])
+    assert p is not None and p.shape == (7,) and abs(float(p.sum()) - 1) < 1e-4
+
+
+def test_several_corpora_need_one_label_set(tmp_path: Path) -> None:
+    a = _corpus(tmp_path / "a", "x", ["neutral", "calm"], 0)
+    b = _corpus(tmp_path / "b", "y", ["neutral", "anger"], 1)
+    with pytest.raises(ValueError, match="--labels"):
+        train([a, b], tmp_path / "out")
+
+
+@pytest.mark.skipif(not (VOICE_EN / "manifest.json").is_file(), reason="voice-en7 not built")
+def test_committed_english_reading_loads_with_its_licence_and_accuracy() -> None:
+    from service.features.voice_reading import DEFAULT_VOICE_MODEL, load_voice_model
+    from service.inference.readings import voice_description
+
+    assert DEFAULT_VOICE_MODEL == VOICE_EN  # the service's voice reading by default
+    model = load_voice_model(VOICE_EN)
+    d = voice_description(model)
+    assert model.labels == MELD7 and d["model"] == "merc-voice-en7"
+    assert "CC BY-NC-SA 4.0" in d["licence"] and "NON-COMMERCIAL" in d["licence"] and "Emo-DB" in d["licence"]
+    per = d["accuracy"]["per_corpus"]
+    assert per["ravdess8"]["dev_uar"] >= 55 and per["emodb7"]["dev_uar"] >= 55
+    assert sum(f.stat().st_size for f in VOICE_EN.iterdir()) < 10_000_000
