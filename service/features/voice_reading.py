@@ -1,17 +1,21 @@
-"""The voice reading: speech emotion from openSMILE ComParE_2016 functionals, trained on Emo-DB (emodb7).
+"""The voice reading: speech emotion from openSMILE ComParE_2016 functionals of the utterance.
 
-Model (``weights/readings/voice-emodb7/``: ``manifest.json`` + ``model.safetensors``)::
+Default artefact ``weights/readings/voice-en7/`` (RAVDESS English + Emo-DB German, MELD's seven labels,
+non-commercial: RAVDESS is CC BY-NC-SA 4.0); ``weights/readings/voice-emodb7/`` is the earlier
+Emo-DB-only one (its seven Emo-DB labels); ``$MERC_VOICE_READING`` names another folder
+(``manifest.json`` + ``model.safetensors``)::
 
     x (6373,) raw compare2016 functionals of one utterance
     -> per-speaker z-normalisation within the conversation, shrunk towards the training statistics
-       (service/features/speaker_norm.py; ``mean``/``std`` (6373,) and ``shrink`` in the artefact)
+       (service/features/speaker_norm.py; ``mean``/``std`` (6373,) and ``shrink`` in the artefact),
+       clipped to +-``normalisation.clip`` where the manifest has one
     -> the K features ranked highest by ANOVA F on the training speakers (``selected`` (K,))
     -> heads, probabilities averaged: ``linear`` (softmax(W x + b), W (C, K)) and/or ``mlp``
        (softmax(W2 relu(W1 x/s + b1) + b2))
 
-Inference is NumPy only (no scikit-learn at serve time); training (:func:`train`, run as
-``python -m service.features.voice_reading``) fits scikit-learn models on the vectors ``merc extract``
-stored and selects hyperparameters on the dev speakers' macro recall (UAR), never on test.
+Inference is NumPy only (no scikit-learn at serve time); training (service/features/voice_training.py)
+fits scikit-learn models on the vectors ``merc extract`` stored and selects hyperparameters on the dev
+speakers' macro recall (UAR), never on test.
 
 Must not import torch or service layers above features/.
 """
@@ -117,7 +121,7 @@ def save_voice_model(out: Path, model: VoiceReadingModel) -> None:
 
 
 def load_voice_model(path: str | Path | None = None) -> VoiceReadingModel:
-    """The artefact at ``path`` (default ``$MERC_VOICE_READING`` or weights/readings/voice-emodb7), cached."""
+    """The artefact at ``path`` (default ``$MERC_VOICE_READING`` or weights/readings/voice-en7), cached."""
     from safetensors import safe_open
 
     folder = Path(path or os.environ.get("MERC_VOICE_READING") or DEFAULT_VOICE_MODEL)
