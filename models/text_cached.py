@@ -26,6 +26,7 @@ Pure PyTorch + transformers/peft: never imports ``service/``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -124,14 +125,25 @@ def top_hidden(model: TextClassifier, start: int, states: torch.Tensor, attentio
 
 class StateStore:
     """Lower-layer states of many inputs, (T_i, H) each, in one (sum of T_i, H) array: in memory, or a
-    memory-mapped ``.npy`` file in ``directory`` (removed with the store)."""
+    memory-mapped ``.npy`` file in ``directory`` (removed with the store), or the file ``keep`` that
+    outlives the process (a resumed run reuses it: ``ready`` once :meth:`finish` marked it complete)."""
 
-    def __init__(self, lengths: Sequence[int], hidden: int, dtype: Any, directory: str | None = None) -> None:
+    def __init__(
+        self, lengths: Sequence[int], hidden: int, dtype: Any, directory: str | None = None, keep: Path | None = None
+    ) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         shape = (int(self.offsets[-1]), hidden)
-        self._tmp = None
+        self._tmp, self.keep, self.ready = None, keep, False
         nbytes = shape[0] * hidden * np.dtype(dtype).itemsize
-        if nbytes > _memory_budget():
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            if keep.is_file() and keep.with_suffix(".done").is_file():
+                self.path, self.data = keep, np.lib.format.open_memmap(keep, "r")
+                self.ready = self.data.shape == shape and self.data.dtype == np.dtype(dtype)
+            if not self.ready:
+                keep.with_suffix(".done").unlink(missing_ok=True)
+                self.path, self.data = keep, np.lib.format.open_memmap(keep, "w+", dtype, shape)
+        elif nbytes > _memory_budget():
             self._tmp = tempfile.TemporaryDirectory(prefix="merc-lower-", dir=directory)
             self.path: Path | None = Path(self._tmp.name) / "states.npy"
             self.data = np.lib.format.open_memmap(self.path, "w+", dtype, shape)
@@ -153,6 +165,21 @@ class StateStore:
             a, e = self.offsets[i], self.offsets[i + 1]
             out[b, : e - a] = self.data[a:e]
         return torch.from_numpy(out)
+
+    def finish(self) -> None:
+        """Mark a ``keep`` file complete (a later process reuses it)."""
+        if self.keep is not None and not self.ready:
+            self.data.flush()
+            self.keep.with_suffix(".done").write_text("complete\n")
+            self.ready = True
+
+    def release(self) -> None:
+        """Remove a ``keep`` file (the run it served has ended)."""
+        if self.keep is not None:
+            del self.data
+            self.keep.with_suffix(".done").unlink(missing_ok=True)
+            self.keep.unlink(missing_ok=True)
+            self.keep = None
 
     def describe(self) -> str:
         where = f"memory-mapped {self.path}" if self.path else "in memory"
@@ -181,11 +208,32 @@ def fill_store(
 class _Cache:
     """What both cached tasks share: the split model, where the stores go, progress."""
 
-    def _setup(self, model: TextClassifier, cfg: FineTuneConfig, device: str, progress: Any) -> None:
+    def _setup(
+        self, model: TextClassifier, cfg: FineTuneConfig, device: str, progress: Any, keep: str | Path | None
+    ) -> None:
         self.model_ref = model.to(device)
         self.base, self.start = layer_split(model, cfg)
         self.device, self.progress = device, progress
         self.directory = os.environ.get("MERC_LOWER_CACHE_DIR") or None
+        self.keep_dir = Path(keep) if keep is not None else None
+        self.stores: list[StateStore] = []
+
+    def _key(self, inputs: Any, dtype: Any) -> str:
+        """sha256 of what the states depend on: the frozen weights below the split, the inputs, the dtype."""
+        h = hashlib.sha256(f"{self.start}|{np.dtype(dtype).str}|{inputs!r}".encode())
+        n = int(self.base.config.num_hidden_layers)
+        top = tuple(f"layer.{i}." for i in range(self.start, n))
+        for name, t in sorted(self.base.state_dict().items()):
+            if "lora_" not in name and not any(k in name for k in top):
+                h.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def release(self) -> None:
+        """Remove the stores' files kept for a resumed run (training has ended)."""
+        for store in self.stores:
+            store.release()
+        if self.keep_dir is not None and self.keep_dir.is_dir() and not any(self.keep_dir.iterdir()):
+            self.keep_dir.rmdir()
 
     def _build(
         self,
@@ -194,15 +242,25 @@ class _Cache:
         make_batch: Callable[[Sequence[int]], dict[str, torch.Tensor]],
         dtype: Any,
         name: str,
+        inputs: Any,
     ) -> StateStore:
-        """A filled :class:`StateStore` (the model in eval mode meanwhile); reports size and time."""
-        started, was_training = time.perf_counter(), self.model_ref.training
-        self.model_ref.eval()
-        store = StateStore(lengths, int(self.base.config.hidden_size), dtype, self.directory)
-        fill_store(store, groups, make_batch, lengths, self.base, self.start, f"cache {name} (layers < {self.start})")
-        self.model_ref.train(was_training)
+        """A filled :class:`StateStore` (the model in eval mode meanwhile); reports size and time. With a
+        ``keep_dir`` (the checkpoint folder) the states go to a file there, reused by a resumed run when
+        ``inputs`` (what identifies them, with the frozen weights) are the same."""
+        started, cpu, was_training = time.perf_counter(), time.process_time(), self.model_ref.training
+        keep = self.keep_dir / f"lower-{name}-{self._key(inputs, dtype)[:16]}.npy" if self.keep_dir else None
+        store = StateStore(lengths, int(self.base.config.hidden_size), dtype, self.directory, keep)
+        self.stores.append(store)
+        reused = store.ready
+        if not reused:
+            self.model_ref.eval()
+            fill_store(store, groups, make_batch, lengths, self.base, self.start, f"cache {name} (< {self.start})")
+            self.model_ref.train(was_training)
+            store.finish()
         if self.progress:
-            self.progress(f"cache_lower {name}: {store.describe()}, {time.perf_counter() - started:.1f} s")
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            how = "reused (computed by an earlier process)" if reused else f"{wall:.1f} s ({cpu:.1f} s of CPU)"
+            self.progress(f"cache_lower {name}: {store.describe()}, {how}")
         return store
 
 
@@ -225,9 +283,10 @@ class CachedPairTask(_PairTask, _Cache):
         cfg: FineTuneConfig,
         device: str,
         progress: Any,
+        keep: str | Path | None = None,
     ) -> None:
         super().__init__(tokenizer, train, dev, cfg)
-        self._setup(model, cfg, device, progress)
+        self._setup(model, cfg, device, progress, keep)
         self.pad_id = tokenizer.pad_token_id or 0
         if getattr(tokenizer, "padding_side", "right") == "left":
             raise ValueError("cache_lower: left-padding tokenizers are not supported")
@@ -244,7 +303,8 @@ class CachedPairTask(_PairTask, _Cache):
         def make(group: Sequence[int]) -> dict[str, torch.Tensor]:
             return {k: v.to(self.device) for k, v in pad_batch([items[i] for i in group], self.pad_id).items()}
 
-        return self._build(lengths, groups, make, dtype, name)
+        inputs = [(it["input_ids"], it.get("token_type_ids")) for it in items]
+        return self._build(lengths, groups, make, dtype, name, inputs)
 
     def forward_cached(
         self, model: TextClassifier, store: StateStore, items: Sequence[dict[str, list[int]]], idx: Sequence[int]
@@ -311,9 +371,10 @@ class CachedChunkTask(_ChunkTask, _Cache):
         targets: Any,
         device: str,
         progress: Any,
+        keep: str | Path | None = None,
     ) -> None:
         super().__init__(tokenizer, train, dev, cfg, targets)
-        self._setup(model, cfg, device, progress)
+        self._setup(model, cfg, device, progress, keep)
         w = cfg.window
         self.offsets = alignment_offsets(w.chunk, cfg.cache_alignments)
         # per alignment, per conversation: indices into self.chunks
@@ -346,7 +407,8 @@ class CachedChunkTask(_ChunkTask, _Cache):
             mask = self.model_ref.chunk_mask(batch["attention_mask"])
             return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": mask.to(self.device)}
 
-        return self._build(lengths, groups, make, dtype, name)
+        inputs = ([(c.input_ids, c.turn_ids) for c in chunks], self.cfg.window.reach)
+        return self._build(lengths, groups, make, dtype, name, inputs)
 
     def forward_cached(
         self, model: TextClassifier, store: StateStore, chunks: Sequence[Chunk], idx: Sequence[int]
@@ -401,9 +463,11 @@ def cached_task(
     targets: Any,
     device: str,
     progress: Callable[[str], None] | None,
+    keep: str | Path | None = None,
 ) -> CachedPairTask | CachedChunkTask:
     """The training task of ``cfg.window.mode`` over cached lower-layer states (what
-    :func:`models.text_finetune.finetune_text_encoder` uses when ``cfg.cache_lower``)."""
+    :func:`models.text_finetune.finetune_text_encoder` uses when ``cfg.cache_lower``). ``keep``: a folder
+    (the checkpoint's) where the states stay on disk for a resumed run, until ``task.release()``."""
     if cfg.window.mode == "conversation":
-        return CachedChunkTask(model, tokenizer, train, dev, cfg, targets, device, progress)
-    return CachedPairTask(model, tokenizer, train, dev, cfg, device, progress)
+        return CachedChunkTask(model, tokenizer, train, dev, cfg, targets, device, progress, keep)
+    return CachedPairTask(model, tokenizer, train, dev, cfg, device, progress, keep)

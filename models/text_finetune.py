@@ -835,7 +835,8 @@ def finetune_text_encoder(
     if cfg.cache_lower:  # the frozen lower layers' states computed once (models.text_cached)
         from models.text_cached import cached_task
 
-        task: _ChunkTask | _PairTask = cached_task(model, tokenizer, train, dev, cfg, targets, device, progress)
+        keep = checkpoint.directory / "lower-cache" if checkpoint is not None else None  # reused on resume
+        task: _ChunkTask | _PairTask = cached_task(model, tokenizer, train, dev, cfg, targets, device, progress, keep)
     elif cfg.window.mode == "conversation":
         task = _ChunkTask(tokenizer, train, dev, cfg, targets)
     else:
@@ -845,6 +846,8 @@ def finetune_text_encoder(
     if saver is not None and checkpoint.resume:
         trainer.state = saver.writer.restore(model, trainer.optim, trainer.sched, trainer.scaler, device)
     trainer.fit(rng, show_bar, saver)
+    if cfg.cache_lower:  # the run has ended: its cached states' files go
+        task.release()  # type: ignore[union-attr]
     if trainer.state.best_state is not None:
         load_trainable(model, trainer.state.best_state)
     return model.eval(), trainer.state.history

@@ -61,20 +61,23 @@ def _data(window: ContextWindow) -> tuple[tuple[list, list], tuple[list, list]]:
     return split(_convs(5, 0)), split(_convs(3, 1))
 
 
-def _model(kind: str, tokenizer: object, cfg: FineTuneConfig) -> TextClassifier:
-    """A tiny random encoder of ``kind`` with LoRA on its top 2 of 4 layers (adapter weights random)."""
+def _encoder(kind: str, tokenizer: object) -> torch.nn.Module:
+    """A tiny random (seeded) encoder of ``kind``: 4 layers, 32 wide."""
     from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 
     torch.manual_seed(0)
     size = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64}
     vocab, pad = tokenizer.vocab_size, tokenizer.pad_token_id  # type: ignore[attr-defined]
     if kind == "mpnet":
-        encoder = MPNetModel(MPNetConfig(vocab_size=vocab, pad_token_id=pad, **size))
-    else:
-        config = BertConfig(vocab_size=vocab, pad_token_id=pad, **size)
-        config._attn_implementation = kind.split("-")[1]
-        encoder = BertModel(config)
-    model = TextClassifier(wrap_encoder(encoder, cfg), 32, 3, cfg.pooling)
+        return MPNetModel(MPNetConfig(vocab_size=vocab, pad_token_id=pad, **size))
+    config = BertConfig(vocab_size=vocab, pad_token_id=pad, **size)
+    config._attn_implementation = kind.split("-")[1]
+    return BertModel(config)
+
+
+def _model(kind: str, tokenizer: object, cfg: FineTuneConfig) -> TextClassifier:
+    """:func:`_encoder` with LoRA on its top 2 of 4 layers (adapter weights random)."""
+    model = TextClassifier(wrap_encoder(_encoder(kind, tokenizer), cfg), 32, 3, cfg.pooling)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
@@ -147,3 +150,49 @@ def test_cache_lower_refuses_adapters_below_the_split(tokenizer) -> None:
     all_layers = _model("mpnet", tokenizer, cfg)  # adapters everywhere, then asked to cache 2 layers
     with pytest.raises(ValueError, match="below layer 2"):
         layer_split(all_layers, FineTuneConfig(window=WINDOWS["pairs"], cache_lower=True, lora_layers=2))
+
+
+@pytest.mark.parametrize("mode", ["pairs", "windowed"])
+def test_cached_run_resumes_over_its_kept_states(tokenizer, mode: str, tmp_path) -> None:
+    """Stopped after 3 steps and resumed, a cached fine-tune ends with the uninterrupted run's weights; the
+    resumed process reuses the states kept in the checkpoint folder, and they go when the run ends."""
+    import models.text_cached as tc
+    from models.text_checkpoint import Checkpointing, TrainingStopped, trainable_state
+    from models.text_finetune import finetune_text_encoder
+
+    cfg = FineTuneConfig(
+        window=WINDOWS[mode], lora_layers=2, cache_lower=True, epochs=2, batch_size=4, patience=100, seed=1
+    )
+    train, dev = _data(cfg.window)
+
+    def run(checkpoint: Checkpointing | None) -> dict:
+        model, _ = finetune_text_encoder(
+            _encoder("mpnet", tokenizer),
+            tokenizer,
+            32,
+            train,
+            dev,
+            list("abc"),
+            cfg,
+            progress=None,
+            show_bar=False,
+            checkpoint=checkpoint,
+        )
+        return trainable_state(model)
+
+    whole = run(None)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(TrainingStopped):
+        run(Checkpointing(folder, every=0, stop_at_step=3))
+    kept = sorted(p.name for p in (folder / "lower-cache").iterdir())
+    assert len(kept) == 4 and all(n.startswith("lower-") for n in kept)  # train and dev: states + marker
+    filled = []
+    original = tc.fill_store
+    tc.fill_store = lambda *a, **k: filled.append(1) or original(*a, **k)
+    try:
+        resumed = run(Checkpointing(folder, every=0, resume=True))
+    finally:
+        tc.fill_store = original
+    assert not filled and not (folder / "lower-cache").exists()
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0)
