@@ -88,6 +88,23 @@ def _labels_of(convs, labels: list[str]) -> list[list[int]]:
     return [[index.get(u.label, -1) if u.label is not None else -1 for u in c.utterances] for c in convs]
 
 
+def check_positions(window: ContextWindow, config: Any) -> None:
+    """A conversation-mode chunk ([CLS] + past + chunk turns of up to ``turn_tokens`` tokens and a [SEP])
+    must fit the encoder's position table, or training fails on the first long chunk: refuse up front,
+    naming the largest --turn-tokens that fits."""
+    if window.mode != "conversation":
+        return
+    offset = 2 if getattr(config, "model_type", "") in ("mpnet", "roberta", "xlm-roberta") else 0  # padding idx
+    positions = int(getattr(config, "max_position_embeddings", 512)) - offset
+    turns = window.past + window.chunk
+    if turns * (window.turn_tokens + 1) + 1 > positions:
+        fits = (positions - 1) // turns - 1
+        raise ValueError(
+            f"--past {window.past} + --chunk {window.chunk} turns of --turn-tokens {window.turn_tokens} exceed the "
+            f"encoder's {positions} positions: use --turn-tokens {fits} or fewer (or fewer turns)"
+        )
+
+
 def finetune_text(
     data: Path,
     base: str,
@@ -124,6 +141,7 @@ def finetune_text(
     directory = Path(source.locate())
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    check_positions(cfg.window, encoder.config)
     started = time.perf_counter()
     earlier = (
         (read_summary(checkpoint.directory) or {}).get("seconds", 0.0) if checkpoint and checkpoint.resume else 0.0

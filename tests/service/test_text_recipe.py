@@ -2,8 +2,13 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
-from service.offline.text_recipe import dataset_shape, text_recipe, turn_tokens_for
+import pytest
+
+from models.text_finetune import ContextWindow
+from service.offline.text_finetuning import check_positions
+from service.offline.text_recipe import dataset_shape, text_recipe
 from service.offline.training import training_defaults
 
 
@@ -19,12 +24,11 @@ def write(folder: Path, name: str, turns: int, speakers: int, convs: int = 6) ->
     return folder
 
 
-def test_long_dialogues_read_a_long_past_in_conversation_mode(tmp_path: Path) -> None:
+def test_long_dialogues_read_a_longer_past(tmp_path: Path) -> None:
     shape = dataset_shape(write(tmp_path / "d", "talks", 48, 2))
     assert (shape.conversations, shape.mean_turns, shape.mean_speakers) == (6, 48.0, 2.0)
     chosen, why = text_recipe(shape)
-    assert chosen["mode"] == "conversation" and chosen["windowed"] and chosen["past"] >= 8
-    assert (chosen["past"] + chosen["chunk"]) * (chosen["turn_tokens"] + 1) + 1 <= 512  # fits the positions
+    assert chosen["mode"] == "pairs" and chosen["past"] == 3 and chosen["max_length"] == 96
     assert "48.0 turns" in why and "4 epochs" in why  # 288 utterances: a small dataset
 
 
@@ -33,10 +37,15 @@ def test_short_scenes_read_pairs(tmp_path: Path) -> None:
     assert chosen["mode"] == "pairs" and chosen["past"] == 2 and "9.0 turns" in why
 
 
-def test_turn_tokens_fit_the_position_table() -> None:
-    for past, chunk in ((8, 8), (12, 4), (16, 8), (2, 4)):
-        tokens = turn_tokens_for(past, chunk)
-        assert (past + chunk) * (tokens + 1) + 1 <= 512 and tokens <= 48
+def test_a_conversation_chunk_longer_than_the_positions_is_refused() -> None:
+    bert = SimpleNamespace(model_type="bert", max_position_embeddings=512)
+    check_positions(ContextWindow(past=8, chunk=8, turn_tokens=30, mode="conversation"), bert)  # 497 fits
+    with pytest.raises(ValueError, match="use --turn-tokens 30 or fewer"):
+        check_positions(ContextWindow(past=8, chunk=8, turn_tokens=48, mode="conversation"), bert)
+    mpnet = SimpleNamespace(model_type="mpnet", max_position_embeddings=514)  # 2 of them the padding offset
+    with pytest.raises(ValueError, match="512 positions"):
+        check_positions(ContextWindow(past=16, chunk=8, turn_tokens=30, mode="conversation"), mpnet)
+    check_positions(ContextWindow(past=16, max_length=512), bert)  # pairs are truncated to max_length
 
 
 def test_unknown_datasets_take_the_defaults_of_the_family_they_resemble(tmp_path: Path) -> None:
