@@ -126,29 +126,47 @@ def top_hidden(model: TextClassifier, start: int, states: torch.Tensor, attentio
 class StateStore:
     """Lower-layer states of many inputs, (T_i, H) each, in one (sum of T_i, H) array: in memory, or a
     memory-mapped ``.npy`` file in ``directory`` (removed with the store), or the file ``keep`` that
-    outlives the process (a resumed run reuses it: ``ready`` once :meth:`finish` marked it complete)."""
+    outlives the process: a resumed run reuses it (``ready`` once :meth:`finish` marked it complete) or
+    continues filling it after the ``filled`` groups of inputs an interrupted process recorded (:meth:`mark`)."""
 
     def __init__(
         self, lengths: Sequence[int], hidden: int, dtype: Any, directory: str | None = None, keep: Path | None = None
     ) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         shape = (int(self.offsets[-1]), hidden)
-        self._tmp, self.keep, self.ready = None, keep, False
+        self._tmp, self.keep, self.ready, self.filled = None, keep, False, 0
         nbytes = shape[0] * hidden * np.dtype(dtype).itemsize
         if keep is not None:
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            if keep.is_file() and keep.with_suffix(".done").is_file():
-                self.path, self.data = keep, np.lib.format.open_memmap(keep, "r")
-                self.ready = self.data.shape == shape and self.data.dtype == np.dtype(dtype)
-            if not self.ready:
-                keep.with_suffix(".done").unlink(missing_ok=True)
-                self.path, self.data = keep, np.lib.format.open_memmap(keep, "w+", dtype, shape)
+            self._open(keep, shape, np.dtype(dtype))
         elif nbytes > _memory_budget():
             self._tmp = tempfile.TemporaryDirectory(prefix="merc-lower-", dir=directory)
             self.path: Path | None = Path(self._tmp.name) / "states.npy"
             self.data = np.lib.format.open_memmap(self.path, "w+", dtype, shape)
         else:
             self.path, self.data = None, np.empty(shape, dtype)
+
+    def _open(self, keep: Path, shape: tuple[int, int], dtype: np.dtype) -> None:
+        """Open the ``keep`` file: complete (read-only), partly filled (``filled`` groups) or new."""
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        done, part = keep.with_suffix(".done"), keep.with_suffix(".part")
+        self.path = keep
+        if keep.is_file() and (done.is_file() or part.is_file()):
+            data = np.lib.format.open_memmap(keep, "r" if done.is_file() else "r+")
+            if data.shape == shape and data.dtype == dtype:
+                self.data, self.ready = data, done.is_file()
+                self.filled = 0 if self.ready else int(part.read_text().split()[0])
+                return
+            del data
+        done.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+        self.data = np.lib.format.open_memmap(keep, "w+", dtype, shape)
+
+    def mark(self, groups: int) -> None:
+        """Record that the first ``groups`` groups of inputs are stored (a ``keep`` file continues there)."""
+        if self.keep is not None:
+            self.data.flush()
+            self.keep.with_suffix(".part").write_text(f"{groups}\n")
+            self.filled = groups
 
     @property
     def nbytes(self) -> int:
@@ -171,14 +189,15 @@ class StateStore:
         if self.keep is not None and not self.ready:
             self.data.flush()
             self.keep.with_suffix(".done").write_text("complete\n")
+            self.keep.with_suffix(".part").unlink(missing_ok=True)
             self.ready = True
 
     def release(self) -> None:
         """Remove a ``keep`` file (the run it served has ended)."""
         if self.keep is not None:
             del self.data
-            self.keep.with_suffix(".done").unlink(missing_ok=True)
-            self.keep.unlink(missing_ok=True)
+            for suffix in (".done", ".part", ".npy"):
+                self.keep.with_suffix(suffix).unlink(missing_ok=True)
             self.keep = None
 
     def describe(self) -> str:
@@ -196,17 +215,27 @@ def fill_store(
     desc: str,
 ) -> None:
     """Compute every input's states (``make_batch(group)``: the model inputs of those inputs, on the
-    model's device; :func:`lower_states`) group by group, keeping each input's first ``lengths[i]`` rows."""
+    model's device; :func:`lower_states`) group by group, keeping each input's first ``lengths[i]`` rows;
+    groups an earlier process stored (``store.filled``) are skipped, progress is marked every minute."""
     from tqdm import tqdm
 
-    for group in tqdm(groups, desc=desc, unit="batch", mininterval=30.0):
+    marked = time.perf_counter()
+    rest = tqdm(
+        groups[store.filled :], desc=desc, unit="batch", mininterval=30.0, initial=store.filled, total=len(groups)
+    )
+    for k, group in enumerate(rest, start=store.filled):
         states = lower_states(base, make_batch(group), start).float().cpu().numpy()
         for b, i in enumerate(group):
             store.put(i, states[b, : lengths[i]])
+        if time.perf_counter() - marked > 60.0:
+            store.mark(k + 1)
+            marked = time.perf_counter()
 
 
 class _Cache:
     """What both cached tasks share: the split model, where the stores go, progress."""
+
+    group_tokens = 4096  # padded tokens per batch while the states are computed
 
     def _setup(
         self, model: TextClassifier, cfg: FineTuneConfig, device: str, progress: Any, keep: str | Path | None
@@ -400,7 +429,7 @@ class CachedChunkTask(_ChunkTask, _Cache):
 
     def _store(self, chunks: Sequence[Chunk], dtype: Any, name: str) -> StateStore:
         lengths = [len(c.input_ids) for c in chunks]
-        groups = chunk_batches(chunks, 4096, 0.25)
+        groups = chunk_batches(chunks, self.group_tokens, 0.25)
 
         def make(group: Sequence[int]) -> dict[str, torch.Tensor]:
             batch = pad_chunks([chunks[i] for i in group], self.pad_id, self.cfg.window.reach)

@@ -196,3 +196,35 @@ def test_cached_run_resumes_over_its_kept_states(tokenizer, mode: str, tmp_path)
     assert not filled and not (folder / "lower-cache").exists()
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0)
+
+
+def test_kept_states_continue_after_an_interruption(tokenizer, tmp_path, monkeypatch) -> None:
+    """A process stopped while filling the kept states (one group marked) is continued, not restarted."""
+    from models.text_cached import CachedChunkTask, cached_task
+    from models.text_chunks import chunk_batches
+
+    monkeypatch.setattr(CachedChunkTask, "group_tokens", 64)
+    cfg = FineTuneConfig(window=WINDOWS["windowed"], lora_layers=2, cache_lower=True)
+    model = _model("mpnet", tokenizer, cfg)
+    train, dev = _data(cfg.window)
+    whole = cached_task(model, tokenizer, train, dev, cfg, None, "cpu", None)
+    keep = tmp_path / "keep"
+    cached_task(model, tokenizer, train, dev, cfg, None, "cpu", None, keep)
+    path = next(keep.glob("lower-train-*.npy"))
+    groups = chunk_batches(whole.chunks, 64, 0.25)
+    assert len(groups) > 2
+    data = np.lib.format.open_memmap(path, "r+")
+    rows = [slice(whole.store.offsets[i], whole.store.offsets[i + 1]) for i in range(len(whole.chunks))]
+    for k, group in enumerate(groups):  # as if the process stopped after the first group
+        for i in group:
+            data[rows[i]] = 7.0 if k == 0 else np.nan  # 7: the first group's rows, never recomputed
+    data.flush()
+    del data
+    path.with_suffix(".done").unlink()
+    path.with_suffix(".part").write_text("1\n")
+    again = cached_task(model, tokenizer, train, dev, cfg, None, "cpu", None, keep)
+    assert again.store.ready and not path.with_suffix(".part").exists()
+    for k, group in enumerate(groups):
+        for i in group:
+            expected = 7.0 if k == 0 else whole.store.data[rows[i]]
+            np.testing.assert_array_equal(np.asarray(again.store.data[rows[i]]), expected)
