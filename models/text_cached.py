@@ -123,6 +123,14 @@ def top_hidden(model: TextClassifier, start: int, states: torch.Tensor, attentio
 # ---------------------------------------------------------------- the cache
 
 
+def _marked(part: Path) -> int:
+    """The groups a ``.part`` file says are stored (0 if it is unreadable)."""
+    try:
+        return max(0, int(part.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class StateStore:
     """Lower-layer states of many inputs, (T_i, H) each, in one (sum of T_i, H) array: in memory, or a
     memory-mapped ``.npy`` file in ``directory`` (removed with the store), or the file ``keep`` that
@@ -154,7 +162,7 @@ class StateStore:
             data = np.lib.format.open_memmap(keep, "r" if done.is_file() else "r+")
             if data.shape == shape and data.dtype == dtype:
                 self.data, self.ready = data, done.is_file()
-                self.filled = 0 if self.ready else int(part.read_text().split()[0])
+                self.filled = 0 if self.ready else _marked(part)
                 return
             del data
         done.unlink(missing_ok=True)
@@ -165,7 +173,9 @@ class StateStore:
         """Record that the first ``groups`` groups of inputs are stored (a ``keep`` file continues there)."""
         if self.keep is not None:
             self.data.flush()
-            self.keep.with_suffix(".part").write_text(f"{groups}\n")
+            part = self.keep.with_suffix(".part")
+            part.with_suffix(".tmp").write_text(f"{groups}\n")
+            os.replace(part.with_suffix(".tmp"), part)  # a process killed meanwhile leaves the old mark
             self.filled = groups
 
     @property
@@ -196,7 +206,7 @@ class StateStore:
         """Remove a ``keep`` file (the run it served has ended)."""
         if self.keep is not None:
             del self.data
-            for suffix in (".done", ".part", ".npy"):
+            for suffix in (".done", ".part", ".tmp", ".npy"):
                 self.keep.with_suffix(suffix).unlink(missing_ok=True)
             self.keep = None
 
