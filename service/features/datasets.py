@@ -115,6 +115,20 @@ def text_vectors(
     return out
 
 
+def media_absent(spec: dict[str, dict[str, Any]], convs: Sequence[Conversation]) -> list[str]:
+    """Modalities of ``spec`` computed from media (audio, visual: not inline) of which ``convs`` carry no vector
+    at all, e.g. a text-only test file scored by a text+audio bundle."""
+    carried = {m for c in convs for u in c.utterances for m in u.features}
+    return [m for m, entry in spec.items() if m != "text" and entry.get("version") != INLINE and m not in carried]
+
+
+def absent_as_inline(spec: dict[str, dict[str, Any]], convs: Sequence[Conversation]) -> dict[str, dict[str, Any]]:
+    """``spec`` with the :func:`media_absent` modalities read as (missing) inline vectors: absent at every
+    utterance, as the service treats media without sound, instead of an error asking for ``merc extract``."""
+    absent = media_absent(spec, convs)
+    return {m: ({**e, "version": INLINE} if m in absent else e) for m, e in spec.items()}
+
+
 def encode_dataset(
     convs: Sequence[Conversation],
     spec: dict[str, dict[str, Any]],

@@ -12,7 +12,7 @@ from models.data import DataError, read_jsonl
 from models.metrics import missing_rate_summary
 from models.report import write_report
 from models.train import resolve_device, score
-from service.features.datasets import encode_dataset
+from service.features.datasets import absent_as_inline, encode_dataset, media_absent
 from service.features.speaker_norm import bundle_normalisers
 from service.offline.multi_data import map_labels
 from service.offline.training import encode_normalised
@@ -45,7 +45,7 @@ def evaluate_bundle(
         map_labels(convs, label_map, labels, str(data_file))
     from service.features.finetuned import absolute_spec
 
-    spec = absolute_spec(manifest["feature_spec"], bundle_dir)
+    spec = absent_as_inline(absolute_spec(manifest["feature_spec"], bundle_dir), convs)  # text-only files too
     norms = bundle_normalisers(spec, bundle_dir)
     if norms:  # the bundle was trained on speaker-normalised features: the same transform here
         encoded = encode_normalised(convs, spec, labels, model.config.n_speakers, norms, str(dev), progress)
@@ -58,6 +58,7 @@ def evaluate_bundle(
         "architecture": manifest["architecture"],
         "data": str(data_file),
         "dropped_modalities": list(drop),
+        "absent_modalities": media_absent(manifest.get("feature_spec") or {}, convs),
         **score(model, encoded, labels, dev, seed=seed, drop=drop),
     }
     if missing_rates:

@@ -212,6 +212,8 @@ def train_bundle(
     train_convs, dev_convs = data.train, data.dev
     n_spk = model_cfg.n_speakers
     norms = fit_normalisers(train_convs, spec, speaker_norm, norm_shrink, cfg.device) if speaker_norm else {}
+    for m in norms:  # the manifest's spec too (a fine-tuned text encoder makes it a separate dict)
+        manifest_spec[m] = {**manifest_spec[m], "normalise": spec[m]["normalise"]}
     if norms:
         train = encode_normalised(train_convs, spec, labels, n_spk, norms, cfg.device, progress)
         dev = encode_normalised(dev_convs, spec, labels, n_spk, norms, cfg.device, progress)
