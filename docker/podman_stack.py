@@ -80,8 +80,8 @@ def speech(lines: list[str], path: Path) -> list[dict]:
         clip = subprocess.run(["espeak-ng", "-s", "165", "--stdout", text], capture_output=True, check=True).stdout
         with wave.open(io.BytesIO(clip)) as w:
             params = params or w.getparams()
-            data = w.readframes(w.getnframes())
-            seconds = w.getnframes() / w.getframerate()
+            data = w.readframes(w.getnframes())  # what there is: --stdout cannot write the true length
+            seconds = len(data) / (w.getsampwidth() * w.getnchannels() * w.getframerate())
         frames.append(data)
         span = {"start": round(t, 3), "end": round(t + seconds, 3)}
         utts.append({"id": f"u{i}", "speaker": "AB"[i % 2], "text": text, **span})
@@ -127,7 +127,8 @@ class Stack:
         for k, v in self._environment(service).items():
             args += ["-e", f"{k}={v}"]
         args += self._volumes(service)
-        podman(*args, IMAGES[service], *(command or []))
+        image = f"{IMAGES[service]}:{self.variant}" if service == "worker" else IMAGES[service]
+        podman(*args, image, *(command or []))
         self.containers.append(name)
         return name
 
@@ -204,7 +205,7 @@ def check(stack: Stack, work: Path) -> Iterator[str]:
         assert r.status_code in (200, 202), r.text
         job = finished(api, r.json()["id"], 300)
         assert job["status"] == "succeeded", job
-        labels = [u["label"] for u in job["result"]["utterances"]]
+        labels = [u["emotion"] for u in job["result"]["utterances"]]
         assert len(labels) == len(LINES), job["result"]
         yield f"text conversation: succeeded in {time.monotonic() - t:.1f} s, labels {labels}"
 
@@ -230,7 +231,8 @@ def check(stack: Stack, work: Path) -> Iterator[str]:
         podman("kill", "-s", "KILL", stack.worker)
         t = time.monotonic()
         yield f"worker container killed (SIGKILL) while job {job_id} was running"
-        assert api.get(f"/v1/conversations/{job_id}").json()["status"] in ("running", "queued")
+        after = api.get(f"/v1/conversations/{job_id}").json()
+        assert after["status"] in ("running", "queued"), f"right after the kill: {after}"
         podman("start", stack.worker)
         stack.wait_worker_ready()
         job = finished(api, job_id, 300)
@@ -248,7 +250,7 @@ def check(stack: Stack, work: Path) -> Iterator[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", default="cuda", help="the worker image's TORCH_VARIANT (for the report)")
+    parser.add_argument("--variant", default="cuda", help="the worker image's TORCH_VARIANT: runs merc-worker:VARIANT")
     parser.add_argument("--weights", type=Path, default=Path(os.environ.get("MERC_WEIGHTS", ROOT / "weights")))
     args = parser.parse_args()
     if shutil.which("espeak-ng") is None:
@@ -266,7 +268,7 @@ def main() -> int:
                 passed.append(line)
                 print(f"stack: {line}", flush=True)
     except Exception as exc:
-        print(f"stack: FAILED: {exc}", file=sys.stderr)
+        print(f"stack: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         for name in stack.containers:
             print(f"--- {name}\n{stack.logs(name)}", file=sys.stderr)
         print(f"stack: {len(passed)} passed, 1 failed", flush=True)

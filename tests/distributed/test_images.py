@@ -69,8 +69,8 @@ def image_requirements(dockerfile: Path) -> tuple[list[str], list[str]]:
         if "scripts/install-extras.sh" in run:
             for path in no_deps_files(_arg_default(dockerfile, "MERC_MPNET") == "1"):
                 no_deps += _requirements(path)
-        # the one exception: the API image's project code alone (its dependencies are requirements/api.txt)
-        bare = run.replace("pip install --no-deps . ", "") if dockerfile == API else run
+        # the one exception: the project's own code, its dependencies installed before it
+        bare = run.replace("pip install --no-deps . ", "")
         assert "--no-deps" not in bare, f"{dockerfile.name}: --no-deps packages belong in requirements/ ({run})"
     return resolved, no_deps
 
