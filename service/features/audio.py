@@ -10,9 +10,12 @@ Extractors
 Signals go to openSMILE as NumPy arrays (no temporary files). Utterances run on a small thread pool:
 the native openSMILE library releases the GIL, so two cores extract two utterances at once.
 
-Presence: an utterance whose segment is shorter than ``min_seconds``, whose RMS level is below
+Presence: an utterance whose segment is shorter than ``min_seconds``, whose loud part is below
 ``silence_dbfs`` (default -60, or ``$MERC_SILENCE_DBFS``; silence, or the zero padding of a late
 stream) or whose functionals are not finite is marked absent (None); no vector is made up for it.
+The loud part is the 95th percentile of the 20 ms frame levels (:func:`loud_dbfs`), not the RMS of
+the whole cut: quiet speech framed by a second of silence (RAVDESS actor 20's calm takes: whole-cut
+RMS -61 to -64 dBFS, peaks at -40 dBFS) is speech.
 
 openSMILE is free for research and education only (audEERING's research licence); commercial use
 needs a licence from audEERING. See the README.
@@ -43,6 +46,17 @@ def rms_dbfs(signal: np.ndarray) -> float:
     return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
 
 
+def loud_dbfs(signal: np.ndarray, quantile: float = 95.0) -> float:
+    """The ``quantile`` of a signal's 20 ms frame RMS levels in dBFS (the whole signal's when shorter)."""
+    hop = SAMPLE_RATE // 50
+    if signal.size < hop:
+        return rms_dbfs(signal)
+    frames = signal[: signal.size // hop * hop].reshape(-1, hop)
+    power = np.mean(np.square(frames, dtype=np.float64), axis=1)
+    loud = float(np.percentile(power, quantile))
+    return 10.0 * np.log10(loud) if loud > 0 else float("-inf")
+
+
 class OpenSmileExtractor:
     """openSMILE functionals for many utterance signals; ``spec`` names set, version and dimension."""
 
@@ -64,11 +78,11 @@ class OpenSmileExtractor:
         self.min_seconds = 0.1
 
     def usable(self, signal: np.ndarray | None) -> bool:
-        """Long enough and not silent."""
+        """Long enough and its loud part not silent."""
         return (
             signal is not None
             and signal.size >= self.min_seconds * SAMPLE_RATE
-            and rms_dbfs(signal) >= self.silence_dbfs
+            and loud_dbfs(signal) >= self.silence_dbfs
         )
 
     def one(self, signal: np.ndarray) -> np.ndarray | None:

@@ -24,7 +24,8 @@ voice
     :mod:`service.features.voice_reading` on the utterance's ComParE_2016 functionals, normalised per
     speaker over that speaker's utterances in the conversation (shrunk towards the training
     statistics for a speaker with few). ``speech_seconds``: the 20 ms frames of the utterance's cut
-    louder than -50 dBFS and within 40 dB of its loudest frame.
+    louder than -60 dBFS (the extractor's silence floor; quietly recorded speech peaks near -40) and
+    within 40 dB of its loudest frame.
 
 Must not import the API or job layers.
 """
@@ -155,7 +156,7 @@ def voice_readings(
     return out
 
 
-def speech_seconds(signal: np.ndarray | None, rate: int = 16000, floor_dbfs: float = -50.0) -> float:
+def speech_seconds(signal: np.ndarray | None, rate: int = 16000, floor_dbfs: float = -60.0) -> float:
     """Seconds of 20 ms frames louder than ``floor_dbfs`` and within 40 dB of the loudest frame."""
     if signal is None or signal.size < rate // 50:
         return 0.0

@@ -103,3 +103,20 @@ def test_committed_english_reading_loads_with_its_licence_and_accuracy() -> None
     per = d["accuracy"]["per_corpus"]
     assert per["ravdess8"]["dev_uar"] >= 55 and per["emodb7"]["dev_uar"] >= 55
     assert sum(f.stat().st_size for f in VOICE_EN.iterdir()) < 10_000_000
+
+
+def test_quiet_speech_framed_by_silence_is_present_and_read() -> None:
+    """Whole-cut RMS below the -60 dBFS floor, loud part above it (RAVDESS actor 20's calm takes): a vector
+    and enough speech for a voice reading; digital silence and -70 dBFS noise stay absent."""
+    from service.features.audio import OpenSmileExtractor, loud_dbfs, rms_dbfs
+    from service.inference.readings import MIN_SPEECH_SECONDS, speech_seconds
+
+    rng = np.random.default_rng(0)
+    t = np.arange(8000) / 16000
+    speech = (10 ** (-54 / 20) * np.sqrt(2) * np.sin(2 * np.pi * 220 * t)).astype(np.float32)  # 0.5 s at -54 dBFS
+    quiet = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(24000, np.float32)])
+    noise = rng.normal(0, 10 ** (-70 / 20), 32000).astype(np.float32)
+    assert rms_dbfs(quiet) < -60 < loud_dbfs(quiet) and loud_dbfs(noise) < -60
+    out = OpenSmileExtractor("egemaps-v02", workers=1).extract([quiet, np.zeros(32000, np.float32), noise])
+    assert out[0] is not None and out[1] is None and out[2] is None
+    assert speech_seconds(quiet) >= MIN_SPEECH_SECONDS
