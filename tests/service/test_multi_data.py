@@ -91,3 +91,26 @@ def test_merc_train_on_two_datasets(tmp_path: Path) -> None:
                "--label-map", "bad=neg,good=pos,meh=", "--drop", "text", "--device", "cpu", "--quiet")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1])["n"] == manifest["dev_metrics_by_dataset"]["toyb"]["n"]
+
+
+def test_speaker_norm_reaches_the_manifest_with_a_fine_tuned_text_encoder(tmp_path: Path) -> None:
+    """The spec of a fine-tuned text encoder is copied for the manifest: the audio normalise entry must follow."""
+    extractor = Path(__file__).resolve().parents[2] / "weights" / "text" / "meld7-minilm-conv-distill"
+    if not (extractor / "finetune.json").is_file():
+        pytest.skip(f"{extractor} absent")
+    data = make_dataset(tmp_path / "a", n_convs=4)
+    for split in ("train", "dev"):
+        path = data / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            for u in row["utterances"]:
+                u["text"] = "Fine, thanks."
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bundle = tmp_path / "bundle"
+    res = merc("train", "iteach", "--data", str(data), "--modalities", "text,audio", "--text-encoder", str(extractor),
+               "--speaker-norm", "audio", "--out", str(bundle), "--epochs", "1", "--device", "cpu", "--quiet",
+               *tiny_sets("iteach"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    spec = json.loads((bundle / "manifest.json").read_text())["feature_spec"]
+    assert spec["audio"]["normalise"]["file"] == "audio_speaker_norm.safetensors"
+    assert (bundle / "audio_speaker_norm.safetensors").is_file() and spec["text"]["adapter"] == "text_encoder"
