@@ -165,7 +165,7 @@ async def _submit_multipart(request: Request, settings: Settings, store: JobStor
 def _validate_multipart(parts: FormParts, settings: Settings, store: JobStore) -> tuple[str, dict]:
     transcribe = "transcript" not in parts.fields  # the worker transcribes the media (speech recognition)
     media = {
-        name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds)
+        name: inspect_media(path, name, settings.probe_timeout_s, settings.max_media_seconds, settings.max_video_pixels)
         for name, path in parts.files.items()
     }
     if transcribe:
