@@ -74,6 +74,11 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> tuple[FusionModel, dict[str, Any]]:
     """The model (float32, eval mode, on ``device``) and its manifest."""
     manifest = read_manifest(bundle_dir)
+    if manifest["architecture"] == "ensemble":  # models.ensemble: no weights of its own
+        raise BundleError(
+            f"{bundle_dir} is an ensemble bundle: load its members (models.ensemble.member_dirs), or serve and "
+            "evaluate it through merc (service.inference.predictor.Predictor, merc evaluate)"
+        )
     model = create_model(manifest["architecture"], manifest["config"])
     weights = Path(bundle_dir) / WEIGHTS
     if not weights.is_file():

@@ -176,6 +176,13 @@ def score(
 ) -> dict[str, Any]:
     """classification_metrics of the model's argmax on labelled utterances."""
     probs = predict(model, convs, device=device, missing_rate=missing_rate, seed=seed, drop=drop)
+    return probability_metrics(probs, convs, labels)
+
+
+def probability_metrics(
+    probs: Sequence[np.ndarray], convs: Sequence[EncodedConversation], labels: Sequence[str]
+) -> dict[str, Any]:
+    """classification_metrics of the argmax of ``probs`` ((n_i, C) per conversation) on labelled utterances."""
     y_true = np.concatenate([c.labels for c in convs])
     y_pred = np.concatenate([p.argmax(-1) for p in probs])
     keep = y_true != IGNORE_INDEX

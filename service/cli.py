@@ -334,6 +334,30 @@ def rebase_text_cmd(
     )
 
 
+@app.command()
+def ensemble(
+    members: Annotated[list[Path], typer.Option(help="member bundle folders (repeat: --members A --members B)")],
+    out: Annotated[Path, typer.Option(help="the ensemble bundle folder, e.g. weights/NAME")],
+    data: Annotated[Path, typer.Option(help="the dataset folder (its dev.jsonl scores the ensemble and members)")],
+    link: Annotated[
+        bool, typer.Option(help="name the members by relative path instead of copying them into OUT/members/")
+    ] = False,
+    device: Annotated[str, typer.Option()] = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """An ensemble bundle: the mean of the members' per-utterance distributions (same labels; each member
+    reads its own text features), scored on dev beside each member."""
+    from service.offline.ensemble import build_ensemble
+
+    try:
+        manifest = build_ensemble(members, out, data, device, link, not quiet, "merc " + shlex.join(sys.argv[1:]))
+    except (DataError, BundleError, ValueError, OSError) as e:
+        _fail(str(e))
+    figures = {m["name"]: m["dev_metrics"]["weighted_f1"] for m in manifest["members"]}
+    dev = manifest["dev_metrics"]["weighted_f1"]
+    typer.echo(json.dumps({"bundle": str(out), "dev_weighted_f1": dev, "members_dev_weighted_f1": figures}))
+
+
 @app.command("oof-text-features")
 def oof_text_features_cmd(
     extractor: Annotated[Path, typer.Option(help="a fine-tuned text extractor folder (merc finetune-text)")],

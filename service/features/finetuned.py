@@ -465,8 +465,10 @@ def get_finetuned_encoder(
 
 
 def absolute_spec(spec: dict[str, dict[str, Any]], bundle_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``spec`` with a fine-tuned text entry's ``adapter`` made absolute (bundles store it relative)."""
-    entry = spec.get("text")
-    if not entry or not is_finetuned(entry) or Path(entry["adapter"]).is_absolute():
-        return spec
-    return {**spec, "text": {**entry, "adapter": str((Path(bundle_dir) / entry["adapter"]).resolve())}}
+    """``spec`` with fine-tuned text entries' ``adapter`` made absolute (bundles store it relative; an
+    ensemble bundle may have several text entries: ``text``, ``text~1``, ..., see models.ensemble)."""
+    out = dict(spec)
+    for key, entry in spec.items():
+        if entry and is_finetuned(entry) and not Path(entry["adapter"]).is_absolute():
+            out[key] = {**entry, "adapter": str((Path(bundle_dir) / entry["adapter"]).resolve())}
+    return out

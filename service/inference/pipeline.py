@@ -32,6 +32,7 @@ import numpy as np
 
 from models.common import MODALITIES
 from models.data import Conversation, DataError, inline_features
+from models.ensemble import feature_modality
 from service.features.datasets import INLINE, text_vectors
 from service.features.registry import extractor_for
 from service.inference.predictor import Predictor, unusable_modalities
@@ -236,12 +237,12 @@ def extract_features_many(
     for m in set(spec) - set(computed):
         for conv, out in zip(convs, outs, strict=True):
             out[m] = inline_features(conv, m)
-    if "text" in computed:
+    for key in [k for k in computed if feature_modality(k) == "text"]:  # an ensemble's text~1 ... too
         started = time.perf_counter()
-        vectors_per_conv = text_vectors(convs, computed["text"], device, first=first, future_known=future_known)
+        vectors_per_conv = text_vectors(convs, computed[key], device, first=first, future_known=future_known)
         for out, vectors in zip(outs, vectors_per_conv, strict=True):
-            out["text"] = vectors
-        timings["text"] = time.perf_counter() - started
+            out[key] = vectors
+        timings["text"] += time.perf_counter() - started
     media_spec = {m: e for m, e in computed.items() if m in ("audio", "visual")}
     with_readings = readings and any(m is not None and (m.video or m.audio) for m in medias)
     reading_spec = _reading_spec() if with_readings else {}
@@ -251,7 +252,7 @@ def extract_features_many(
     for conv, media, out in zip(convs, medias, outs, strict=True):
         for m in media_spec:
             out.setdefault(m, [None] * len(conv.utterances))
-        fs = FeatureSet({m: out[m] for m in out if m in MODALITIES})
+        fs = FeatureSet({m: out[m] for m in out if feature_modality(m) in MODALITIES})
         if with_readings and media is not None and (media.video or media.audio):
             started = time.perf_counter()
             fs.readings, fs.reading_models = _readings(conv, media, out, reading_spec)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.bundle import find_bundle, load_bundle
+from models.bundle import find_bundle, load_bundle, read_manifest
 from models.common import MODALITIES
 from models.data import Conversation, encode_conversation
+from models.ensemble import is_ensemble
 from models.train import predict as predict_probs
 from models.train import resolve_device
 
@@ -37,7 +38,23 @@ class Predictor:
     On CPU the fusion model's linear layers run int8 (``models.common.int8_linear``; ``int8`` None:
     ``MERC_FUSION_INT8``, default on): one conversation is a batch of a few dozen rows, so scoring is
     bound by reading the weights (sdt-meld7: 21 turns 21 -> 8 ms). Dev drift of every bundle, measured
-    by ``benchmarks/speed_text.py``: docs/benchmarks.md. Training and ``merc evaluate`` stay fp32."""
+    by ``benchmarks/speed_text.py``: docs/benchmarks.md. Training and ``merc evaluate`` stay fp32.
+
+    An ensemble bundle's folder gives an :class:`service.inference.ensemble.EnsemblePredictor` (the
+    same interface; its members' distributions averaged)."""
+
+    def __new__(
+        cls,
+        name_or_path: str | Path,
+        device: str = "auto",
+        weights_dir: str | Path = "weights",
+        int8: bool | None = None,
+    ) -> Predictor:
+        if cls is Predictor and is_ensemble(read_manifest(find_bundle(name_or_path, weights_dir))):
+            from service.inference.ensemble import EnsemblePredictor
+
+            return super().__new__(EnsemblePredictor)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -48,18 +65,27 @@ class Predictor:
     ) -> None:
         self.path = find_bundle(name_or_path, weights_dir)
         self.device = resolve_device(device)
+        self._load(int8)
+        self.name: str = self.manifest.get("name", self.path.name)
+        self.labels: list[str] = list(self.manifest["labels"])
+        from service.features.finetuned import absolute_spec
+
+        self.feature_spec: dict[str, dict[str, Any]] = absolute_spec(self.manifest["feature_spec"], self.path)
+
+    def _load(self, int8: bool | None) -> None:
+        """Sets ``model`` (the fusion model), ``manifest``, ``int8`` and ``modalities``."""
         self.model, self.manifest = load_bundle(self.path, self.device)
         self.int8 = self.device.type == "cpu" and (fusion_int8_enabled() if int8 is None else int8)
         if self.int8:
             from models.common import int8_linear
 
             self.model = int8_linear(self.model).eval()
-        self.name: str = self.manifest.get("name", self.path.name)
-        self.labels: list[str] = list(self.manifest["labels"])
         self.modalities: list[str] = list(self.model.modalities)
-        from service.features.finetuned import absolute_spec
 
-        self.feature_spec: dict[str, dict[str, Any]] = absolute_spec(self.manifest["feature_spec"], self.path)
+    @property
+    def feature_keys(self) -> list[str]:
+        """The keys of the features it reads: its modalities (an ensemble's: one per distinct feature)."""
+        return list(self.modalities)
 
     @torch.no_grad()
     def probabilities(self, conv: Conversation, features: FeatureLists) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.data import Conversation, parse_conversation
+from models.ensemble import feature_modality
 from service import metrics
 from service.features.datasets import INLINE
 from service.features.registry import extractor_for
@@ -51,11 +52,11 @@ def get_predictor(name: str, settings: Settings) -> Predictor:
 
 def warm_up(predictor: Predictor, settings: Settings) -> None:
     """Load the extractors a bundle's feature spec names now, not on the first request."""
-    for m, entry in predictor.feature_spec.items():
+    for key, entry in predictor.feature_spec.items():
         if entry["version"] == INLINE:
             continue
         try:
-            extractor = extractor_for(m, entry, settings.device)
+            extractor = extractor_for(feature_modality(key), entry, settings.device)
         except ValueError as e:  # a spec this host cannot satisfy: jobs will report it per modality
             log.warning("bundle %s: %s", predictor.name, e)
             continue
@@ -186,7 +187,7 @@ def run_append(job_dir: str, model: str, conversation: dict[str, Any], first: in
     old = load_features(folder / "features.npz")
     fresh, timings = _extract_new(conv, predictor, first, settings)
     n = len(conv.utterances)
-    features = {m: _pad(old.get(m), first) + (fresh.get(m) or [None] * n)[first:] for m in predictor.modalities}
+    features = {k: _pad(old.get(k), first) + (fresh.get(k) or [None] * n)[first:] for k in predictor.feature_keys}
     result = score(predictor, conv, features, media, timings, request.get("transcript"), future_known=False)
     return {"result": result, "features": features}
 
@@ -213,15 +214,16 @@ def prefetch_text(items: list[dict[str, Any]], settings: Settings) -> int:
                 old = raw["utterances"]
                 raw, first = {**raw, "utterances": [*old, *item["append"]]}, len(old)
             conv = parse_conversation(raw, "utterances")
-            entry = get_predictor(item["model"], settings).feature_spec.get("text")
+            spec = get_predictor(item["model"], settings).feature_spec
         except Exception:  # unreadable, invalid or deleted: the job itself reports it
             continue
-        if not entry or entry["version"] == INLINE:
-            continue
-        key = (json.dumps(entry, sort_keys=True), "append" not in item)
-        groups.setdefault(key, (entry, [], []))
-        groups[key][1].append(conv)
-        groups[key][2].append(first)
+        for name, entry in spec.items():  # an ensemble may read several text features
+            if feature_modality(name) != "text" or entry["version"] == INLINE:
+                continue
+            key = (json.dumps(entry, sort_keys=True), "append" not in item)
+            groups.setdefault(key, (entry, [], []))
+            groups[key][1].append(conv)
+            groups[key][2].append(first)
     n = 0
     for (_, future_known), (entry, convs, firsts) in groups.items():
         text_vectors(convs, entry, settings.device, first=firsts, future_known=future_known)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.bundle import load_bundle
+from models.bundle import load_bundle, read_manifest
+from models.ensemble import is_ensemble, member_dirs
 from tests.models.helpers import random_batch
 
 BUNDLES = sorted(p.parent for p in (Path(__file__).resolve().parents[2] / "weights").glob("*/manifest.json"))
@@ -13,6 +14,17 @@ BUNDLES = sorted(p.parent for p in (Path(__file__).resolve().parents[2] / "weigh
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.name)
 def test_committed_bundle_loads_and_predicts(bundle: Path) -> None:
+    manifest = read_manifest(bundle)
+    if not is_ensemble(manifest):
+        _check_bundle(bundle)
+        return
+    assert {"accuracy", "weighted_f1"} <= set(manifest["dev_metrics"])
+    assert manifest["command"].startswith("merc ensemble")
+    for member in member_dirs(bundle, manifest):  # an ensemble: each member is a bundle
+        _check_bundle(member)
+
+
+def _check_bundle(bundle: Path) -> None:
     model, manifest = load_bundle(bundle)
     assert set(manifest["feature_spec"]) == set(model.modalities) == set(manifest["modalities"])
     for m, spec in manifest["feature_spec"].items():
