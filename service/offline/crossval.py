@@ -127,14 +127,15 @@ def cross_validate(
     data_hash = hashlib.sha256(
         b"".join((Path(data_dir) / f).read_bytes() for f in ("train.jsonl", "dev.jsonl"))
     ).hexdigest()
+    key = recipe_hash({**recipe, "arch": arch, "folds": folds, "fold_seed": fold_seed, "data": data_hash})
     runs = []
     for fold in range(n_folds):
         for seed in seeds:
             run_dir = Path(work) / (f"fold{fold}-seed{seed}" if assignment else f"seed{seed}")
-            key = recipe_hash({**recipe, "arch": arch, "folds": folds, "fold_seed": fold_seed, "data": data_hash})
             record_file = run_dir / "run.json"
-            if record_file.is_file() and json.loads(record_file.read_text()).get("recipe_sha256") == key:
-                runs.append(json.loads(record_file.read_text()))
+            earlier = json.loads(record_file.read_text()) if record_file.is_file() else {}
+            if earlier.get("recipe_sha256") == key:
+                runs.append(earlier)
                 say(f"cv: fold {fold} seed {seed}: reused ({record_file})")
                 continue
             if only is not None and fold not in only:
