@@ -248,11 +248,30 @@ def train(
     return model.manifest
 
 
+NOISY = "-noisy"
+"""A corpus named NAME-noisy is NAME's media degraded by scripts/augment_speech.py (noise, gain, MP3)."""
+
+
+def corpus_about(c: Corpus) -> dict[str, str]:
+    """What CORPORA knows of a corpus (a noisy copy: its source's entry, described as a copy)."""
+    base = c.name.removesuffix(NOISY)
+    if base not in CORPORA:
+        return {"about": c.info.get("source", c.name), "licence": "see the dataset", "use": "?"}
+    known = dict(CORPORA[base])
+    if c.name.endswith(NOISY):
+        aug = c.info.get("augmentation", {})
+        known["about"] = (
+            f"a copy of {base} with white noise {aug.get('snr_db', '?')} dB under the speech, a gain within "
+            f"+-{aug.get('gain_db', '?')} dB and an MP3 round trip (scripts/augment_speech.py)"
+        )
+    return known
+
+
 def describe_corpora(corpora: list[Corpus], labels: list[str], mapping: dict[str, str] | None) -> dict[str, str]:
     """``training_data`` and ``licence`` texts of the artefact from its corpora."""
     parts, licences, uses = [], [], []
     for c in corpora:
-        known = CORPORA.get(c.name, {"about": c.info.get("source", c.name), "licence": "see the dataset", "use": "?"})
+        known = corpus_about(c)
         raw = sorted(set(c.train["raw"]) | set(c.dev["raw"]))
         dropped = [r for r in raw if map_label(r, labels, mapping) is None]
         parts.append(
