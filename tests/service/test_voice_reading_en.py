@@ -120,3 +120,33 @@ def test_quiet_speech_framed_by_silence_is_present_and_read() -> None:
     out = OpenSmileExtractor("egemaps-v02", workers=1).extract([quiet, np.zeros(32000, np.float32), noise])
     assert out[0] is not None and out[1] is None and out[2] is None
     assert speech_seconds(quiet) >= MIN_SPEECH_SECONDS
+
+
+def test_noisy_copy_is_described_as_a_copy_of_its_corpus(tmp_path: Path) -> None:
+    from service.features.voice_training import corpus_about, load_corpus
+
+    folder = _corpus(tmp_path / "n", "ravdess8-noisy", ["neutral", "angry"], 0)
+    info = json.loads((folder / "dataset.json").read_text())
+    info["augmentation"] = {"snr_db": [20.0, 40.0], "gain_db": 10.0}
+    (folder / "dataset.json").write_text(json.dumps(info))
+    about = corpus_about(load_corpus(folder, MELD7, TO_MELD7))
+    assert "copy of ravdess8" in about["about"] and "[20.0, 40.0] dB" in about["about"]
+    assert about["use"].startswith("NON-COMMERCIAL")  # the source's licence carries over
+    plain = corpus_about(load_corpus(_corpus(tmp_path / "p", "mine", ["neutral"], 1), MELD7, TO_MELD7))
+    assert plain["licence"] == "see the dataset"
+
+
+def test_augmented_copy_is_noisy_seeded_and_keeps_length() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("augment_speech", ROOT / "scripts" / "augment_speech.py")
+    assert spec and spec.loader
+    aug = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aug)
+    t = np.arange(16000) / 16000
+    clean = np.concatenate([np.zeros(8000), 0.1 * np.sin(2 * np.pi * 200 * t), np.zeros(8000)]).astype(np.float32)
+    a, b = aug.degrade(clean, "x.flac", (20.0, 20.0), 0.0), aug.degrade(clean, "x.flac", (20.0, 20.0), 0.0)
+    assert len(a) == len(clean) and np.array_equal(a, b)  # same name, same copy
+    pause = 20 * np.log10(np.sqrt(np.mean(a[:6000] ** 2)))
+    assert -50 < pause < -30  # a noise floor about 20 dB under the speech (-23 dBFS), where there was silence
+    assert not np.array_equal(a, aug.degrade(clean, "y.flac", (20.0, 20.0), 0.0))
