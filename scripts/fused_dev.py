@@ -5,7 +5,7 @@ UAR with text and audio (what an upload with a transcript gives the bundle), aud
 and text alone (audio dropped). For each text dev file: weighted F1 (text only: no audio there).
 UAR is averaged over the classes present in the file (Emo-DB has no surprise). Prints a JSON document.
 
-    .venv/bin/python scripts/fused_dev.py --bundle weights/iteach-meld7-av \\
+    .venv/bin/python scripts/fused_dev.py --bundle weights/sdt-meld7-av \\
         --text meld7=../shared/data/meld7/dev.jsonl \\
         --speech ravdess8=/tmp/merc-audio-cache/ravdess8-compare2016/dev.jsonl \\
         --speech emodb7=/tmp/merc-audio-cache/emodb7-compare2016/dev.jsonl \\

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     weights_dir: Path = Field(Path("weights"), description="bundle folders (<name>/manifest.json)")
     default_model: str = Field("sdt-meld7-fast", description="bundle used when a request names none")
     default_media_model: str = Field(
-        "iteach-meld7-av",
+        "sdt-meld7-av",
         description="bundle used when a request with media (video or audio) names none; '' or a bundle that is not "
         "in weights_dir: default_model",
     )
