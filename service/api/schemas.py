@@ -149,6 +149,8 @@ class ModelOut(BaseModel):
     feature_spec: dict[str, dict]
     dev_metrics: dict[str, float | None]
     dataset: str | None
+    licence: str | None = Field(None, description="terms inherited from the training corpora (RAVDESS: non-commercial)")
+    non_commercial: bool = Field(False, description="true when a training corpus forbids commercial use")
     default: bool
     loaded: bool
 

@@ -95,6 +95,9 @@ def test_model_selection_and_listing(client):
     assert names[OTHER]["loaded"] and not names[OTHER]["default"] and names["sdt-mosi2"]["architecture"] == "sdt"
     assert names["iteach-mosi2"]["modalities"] == ["text", "audio", "visual"]
     assert set(names["dmd-iemocap6"]["dev_metrics"]) == {"accuracy", "weighted_f1", "macro_f1"}
+    assert names["iteach-ravdess8"]["non_commercial"] and "CC BY-NC-SA 4.0" in names["iteach-ravdess8"]["licence"]
+    assert names["sdt-meld7-av"]["non_commercial"]  # trained on meld7 + ravdess8 + emodb7: RAVDESS's terms
+    assert not names[DEFAULT]["non_commercial"] and names[DEFAULT]["licence"] is None
     body = {**conversation(2), "model": "dmd-iemocap6"}
     result = client.post("/v1/conversations", json=body).json()["result"]
     assert result["model"] == "dmd-iemocap6" and result["labels"] == names["dmd-iemocap6"]["labels"]

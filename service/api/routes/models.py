@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from service.api.catalogue import CatalogueError, bundle_info, bundle_names
 from service.api.deps import SettingsDep, require_api_key
 from service.api.schemas import ModelsOut
+from service.licences import bundle_terms
 
 router = APIRouter(
     prefix="/v1/models",
@@ -29,6 +30,7 @@ def describe(name: str, manifest: dict[str, Any], default: str, loaded: list[str
         "feature_spec": manifest["feature_spec"],
         "dev_metrics": {k: metrics.get(k) for k in ("accuracy", "weighted_f1", "macro_f1")},
         "dataset": (manifest.get("dataset") or {}).get("name"),
+        **bundle_terms(manifest),
         "default": name == default,
         "loaded": name in loaded,
     }
