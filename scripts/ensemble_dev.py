@@ -19,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from models.bundle import read_manifest
 from models.data import read_jsonl
 from models.ensemble import mean_probabilities
 from models.metrics import SUMMARY_KEYS
 from models.train import predict, probability_metrics, resolve_device
-from service.offline.evaluation import _member_inputs
+from service.offline.evaluation import encoded_for_bundle
 
 
 def main() -> None:
@@ -35,10 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     dev = resolve_device("cpu")
     convs = read_jsonl(args.data)
-    labels = json.loads((args.bundle[0] / "manifest.json").read_text())["labels"]
+    labels = read_manifest(args.bundle[0])["labels"]
     probs, encoded = {}, None
     for bundle in args.bundle:
-        model, enc = _member_inputs(bundle, convs, labels, dev, progress=False)
+        model, enc = encoded_for_bundle(bundle, convs, labels, dev, progress=False)
         probs[bundle.name] = predict(model, enc, device=dev)
         encoded = encoded or enc
         print(f"read {bundle.name}", file=sys.stderr)

@@ -1,9 +1,9 @@
-"""Terms that a bundle inherits from the corpora it was trained on, shown where the bundle is served.
+"""Terms that weights inherit from the corpora they were trained on, shown where they are served.
 
-A bundle's manifest names its training data (``dataset.name``; several datasets joined by ``+``, as
-``merc train --data A --data B`` writes it). Corpora whose terms bind the weights are listed here; a
-bundle trained on any of them says so in ``GET /v1/models`` (``licence``, ``non_commercial``). The voice
-readings carry the same texts in their own manifests (service/features/voice_training.py).
+One table for every artefact: a bundle's manifest names its training data (``dataset.name``; several
+datasets joined by ``+``, as ``merc train --data A --data B`` writes it) and ``GET /v1/models`` shows
+:func:`bundle_terms` (``licence``, ``non_commercial``); the voice readings write the same texts into
+their manifests (service/features/voice_training.py).
 
 No imports: the API image (no torch, no numpy needed) reads it.
 """
@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-CORPUS_TERMS: dict[str, tuple[str, bool]] = {
-    "ravdess8": ("RAVDESS (Livingstone and Russo, PLoS ONE 2018): CC BY-NC-SA 4.0, so NON-COMMERCIAL use only", True),
-    "emodb7": ("Emo-DB (Burkhardt et al., Interspeech 2005, TU Berlin): free for research use", False),
+CORPUS_LICENCES: dict[str, str] = {
+    "ravdess8": "RAVDESS (Livingstone and Russo, PLoS ONE 2018): CC BY-NC-SA 4.0",
+    "emodb7": "Emo-DB (Burkhardt et al., Interspeech 2005, TU Berlin): free for research use",
 }
-"""Dataset name (a ``-noisy`` copy counts as its source) -> (terms, whether they forbid commercial use)."""
+"""Dataset name -> the terms its data comes under."""
+NON_COMMERCIAL = frozenset({"ravdess8"})
+"""Corpora whose terms forbid commercial use of weights trained on them."""
+NOISY = "-noisy"
+"""A corpus named NAME-noisy is NAME's media degraded by scripts/augment_speech.py (noise, gain, MP3)."""
+
+
+def source_corpus(name: str) -> str:
+    """The corpus a dataset's data comes from: a degraded copy's source (``ravdess8-noisy`` -> ``ravdess8``)."""
+    return name.removesuffix(NOISY)
 
 
 def training_corpora(manifest: dict[str, Any]) -> list[str]:
@@ -27,12 +36,11 @@ def training_corpora(manifest: dict[str, Any]) -> list[str]:
 
 def bundle_terms(manifest: dict[str, Any]) -> dict[str, Any]:
     """``{"licence": str | None, "non_commercial": bool}`` inherited from the bundle's training corpora."""
-    terms = [CORPUS_TERMS[c.removesuffix("-noisy")] for c in training_corpora(manifest)
-             if c.removesuffix("-noisy") in CORPUS_TERMS]  # fmt: skip
-    if not terms:
+    sources = [s for s in dict.fromkeys(map(source_corpus, training_corpora(manifest))) if s in CORPUS_LICENCES]
+    if not sources:
         return {"licence": None, "non_commercial": False}
-    text = "; ".join(dict.fromkeys(t for t, _ in terms))
-    non_commercial = any(nc for _, nc in terms)
+    text = "; ".join(CORPUS_LICENCES[s] for s in sources)
+    non_commercial = any(s in NON_COMMERCIAL for s in sources)
     if non_commercial:
         text = f"Trained on data for non-commercial use: the weights are NON-COMMERCIAL. {text}"
     return {"licence": text, "non_commercial": non_commercial}

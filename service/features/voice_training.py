@@ -46,6 +46,7 @@ from models.data import read_dataset_info, read_jsonl
 from models.metrics import classification_metrics
 from service.features.speaker_norm import SpeakerNormaliser
 from service.features.voice_reading import VoiceReadingModel, save_voice_model
+from service.licences import CORPUS_LICENCES, source_corpus
 
 MELD7 = ["neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"]
 """MELD's labels in meld7's class order (../shared/data/meld7/dataset.json)."""
@@ -60,13 +61,13 @@ OPENSMILE = "openSMILE (audEERING research licence) computes the inputs."
 CORPORA = {
     "emodb7": {
         "about": "Emo-DB, acted German speech (10 speakers, files cut to 2.0 s)",
-        "licence": "Emo-DB (Burkhardt et al., Interspeech 2005, TU Berlin): free for research use; files as "
-        "re-distributed in github.com/sylaschacko/voice-emotion-analysis (cut or padded to 2.0 s)",
+        "licence": f"{CORPUS_LICENCES['emodb7']}; files as re-distributed in "
+        "github.com/sylaschacko/voice-emotion-analysis (cut or padded to 2.0 s)",
         "use": "research use",
     },
     "ravdess8": {
         "about": "RAVDESS speech, acted North American English (24 actors, two neutral statements)",
-        "licence": "RAVDESS (Livingstone and Russo, PLoS ONE 2018): CC BY-NC-SA 4.0",
+        "licence": CORPUS_LICENCES["ravdess8"],
         "use": "NON-COMMERCIAL use only (CC BY-NC-SA 4.0, inherited from RAVDESS)",
     },
 }
@@ -248,17 +249,13 @@ def train(
     return model.manifest
 
 
-NOISY = "-noisy"
-"""A corpus named NAME-noisy is NAME's media degraded by scripts/augment_speech.py (noise, gain, MP3)."""
-
-
 def corpus_about(c: Corpus) -> dict[str, str]:
     """What CORPORA knows of a corpus (a noisy copy: its source's entry, described as a copy)."""
-    base = c.name.removesuffix(NOISY)
+    base = source_corpus(c.name)
     if base not in CORPORA:
         return {"about": c.info.get("source", c.name), "licence": "see the dataset", "use": "?"}
     known = dict(CORPORA[base])
-    if c.name.endswith(NOISY):
+    if base != c.name:
         aug = c.info.get("augmentation", {})
         known["about"] = (
             f"a copy of {base} with white noise {aug.get('snr_db', '?')} dB under the speech, a gain within "

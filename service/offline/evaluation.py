@@ -21,7 +21,7 @@ from service.offline.multi_data import map_labels
 from service.offline.training import encode_normalised
 
 
-def _member_inputs(bundle_dir: Path, convs, labels: list[str], dev, progress: bool):
+def encoded_for_bundle(bundle_dir: Path, convs, labels: list[str], dev, progress: bool):
     """A (non-ensemble) bundle's model and ``convs`` encoded as it reads them (its features, its transform)."""
     from service.features.finetuned import absolute_spec
 
@@ -60,7 +60,7 @@ def evaluate_bundle(
         map_labels(convs, label_map, labels, str(data_file))
     ensemble = is_ensemble(manifest)
     dirs = member_dirs(bundle_dir, manifest) if ensemble else [Path(bundle_dir)]
-    members = [_member_inputs(d, convs, labels, dev, progress) for d in dirs]
+    members = [encoded_for_bundle(d, convs, labels, dev, progress) for d in dirs]
     modalities = {m for model, _ in members for m in model.modalities}
     unknown = set(drop) - modalities
     if unknown:
